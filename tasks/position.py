@@ -1,0 +1,98 @@
+"""One position: read ``input[position, channel]``, run the exact DoG, write it into the
+output at ``position``, and only then mark that position complete.
+
+The volume goes straight from Zarr to Zarr inside the worker; only a small summary
+travels back through Dask and Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import dog, store
+
+
+def worker_threads() -> int:
+    """FFT threads one task may use: the process's CPUs divided by the tasks that run beside it.
+
+    On a Dask worker with ``nthreads`` task slots, each task gets
+    ``max(1, cpus // nthreads)`` so that the worker never oversubscribes its cores.
+    """
+    cpus = dog.default_threads()
+    try:
+        from distributed import get_worker
+
+        slots = max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        slots = 1
+    return max(1, cpus // slots)
+
+
+def process_position(
+    input_path: str,
+    output_path: str,
+    position: int,
+    params: dict[str, Any],
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Filter one position end to end and return its summary (never the array)."""
+    p = store.FilterParams.from_dict(params)
+    t0 = time.perf_counter()
+    src = store.open_input(input_path)
+    # Fingerprint before reading: if the input changes while we read, the next run sees it as stale.
+    fingerprint = store.input_fingerprint(src, position, p.channel)
+    # Unmark first: from here until the new marker lands, this position is not complete.
+    store.clear_marker(output_path, position)
+    try:
+        volume = src[position, p.channel]
+    except Exception as exc:
+        raise RuntimeError(
+            f"position {position}: cannot read input {input_path}[{position}, {p.channel}]: {type(exc).__name__}: {exc}"
+        ) from exc
+    nthreads = threads or worker_threads()
+    result = dog.difference_of_gaussians(
+        volume, p.sigma_small, p.sigma_large, truncate=p.truncate, mode=p.mode, threads=nthreads
+    )
+    del volume
+    stats = {
+        "min": float(result.min()),
+        "max": float(result.max()),
+        "mean": float(result.mean(dtype=np.float64)),
+    }
+    out = store.open_output_array(output_path)
+    out[position] = store.to_output_dtype(result, p.output_dtype)
+    del result
+    seconds = time.perf_counter() - t0
+    summary = {
+        "position": int(position),
+        "seconds": round(seconds, 3),
+        **stats,
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "threads": nthreads,
+    }
+    record = {**store.expected_marker_key(p, fingerprint), **summary, "params": p.as_dict(), "finished": time.time()}
+    store.write_marker(output_path, position, record)
+    return summary
+
+
+@task(
+    name="dog-position",
+    task_run_name="position-{position}",
+    retries=2,
+    retry_delay_seconds=10,
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
+def filter_position(
+    input_path: str, output_path: str, position: int, params: dict[str, Any], threads: int | None = None
+) -> dict[str, Any]:
+    """Prefect task around :func:`process_position` (retries are set per run by the flow)."""
+    return process_position(input_path, output_path, position, params, threads)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Prefect API (test harness), sample datasets on disk, the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def reference_dog(volume, sigma_small, sigma_large, truncate=4.0, mode="nearest"):
+    """Whole-volume float64 scipy reference."""
+    v = np.asarray(volume, dtype=np.float64)
+    return ndimage.gaussian_filter(v, sigma_small, truncate=truncate, mode=mode) - ndimage.gaussian_filter(
+        v, sigma_large, truncate=truncate, mode=mode
+    )
+
+
+def tolerance(volume) -> float:
+    return 1e-3 + 1e-6 * float(np.max(np.abs(np.asarray(volume, dtype=np.float64)))) if np.size(volume) else 1e-3
+
+
+def assert_exact(result, volume, sigma_small, sigma_large, truncate=4.0, mode="nearest"):
+    ref = reference_dog(volume, sigma_small, sigma_large, truncate, mode)
+    err = float(np.max(np.abs(np.asarray(result, dtype=np.float64) - ref)))
+    assert result.shape == ref.shape
+    assert err <= tolerance(volume), f"max error {err} > {tolerance(volume)}"
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real (temporary) Prefect API for the whole session, visible to Dask worker processes too."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    old = os.environ.get("PREFECT_API_URL")
+    with prefect_test_harness(server_startup_timeout=60):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+    if old is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = old
+
+
+@pytest.fixture
+def sample(tmp_path):
+    """A small (P=3, C=2, 12, 40, 36) uint16 dataset (zarr v3) with chunks that split z, y and x."""
+    from flows.sample import make_sample
+
+    path = tmp_path / "in.zarr"
+    make_sample(path, positions=3, channels=2, shape=(12, 40, 36), chunks=(5, 16, 16), blobs=12, seed=1)
+    return path
+
+
+def run_cli(*args, env=None, timeout=240):
+    """Run the real `dogflow` console script."""
+    exe = Path(sys.executable).parent / "dogflow"
+    e = dict(os.environ)
+    e.pop("PREFECT_API_URL", None)
+    e.update(env or {})
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)

@@ -1,0 +1,151 @@
+"""`dogflow` CLI: bad input gets one line on stderr, exit status 2, and no output is created or changed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from conftest import assert_exact, run_cli
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _bad(args, expect, out: Path | None = None):
+    before = _tree_digest(out) if out is not None and out.exists() else None
+    res = runner.invoke(app, ["run", *map(str, args)])
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert err.startswith("dogflow: error:"), err
+    assert len(err.splitlines()) == 1, err
+    assert expect in err, err
+    if out is not None:
+        if before is None:
+            assert not out.exists(), "a refused run must not create the output"
+        else:
+            assert _tree_digest(out) == before, "a refused run must not change the output"
+    return err
+
+
+@pytest.fixture
+def inp(sample):
+    return sample
+
+
+def test_missing_input(tmp_path):
+    _bad([tmp_path / "nope.zarr", tmp_path / "o.zarr"], "input not found", tmp_path / "o.zarr")
+
+
+def test_input_not_5d(tmp_path):
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 5, 6), chunks=(2, 5, 6), dtype="uint16")
+    _bad([tmp_path / "a.zarr", tmp_path / "o.zarr"], "must be 5-D", tmp_path / "o.zarr")
+
+
+def test_input_not_numeric(tmp_path):
+    zarr.create_array(str(tmp_path / "b.zarr"), shape=(1, 1, 2, 3, 4), chunks=(1, 1, 2, 3, 4), dtype="bool")
+    _bad([tmp_path / "b.zarr", tmp_path / "o.zarr"], "real numeric", tmp_path / "o.zarr")
+
+
+def test_input_not_zarr(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("hello")
+    _bad([tmp_path / "junk", tmp_path / "o.zarr"], "not a Zarr", tmp_path / "o.zarr")
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--channel", "2"], "channel 2 out of range"),
+        (["--positions", "0-3"], "position 3 out of range"),
+        (["--positions", "2-1"], "reversed"),
+        (["--sigma-small", "0", "--sigma-large", "2"], "sigma_small must be > 0"),
+        (["--sigma-small", "1,-1,1", "--sigma-large", "2"], "sigma_small must be > 0"),
+        (["--sigma-small", "3", "--sigma-large", "2"], "smaller than sigma_large"),
+        (["--sigma-small", "1,3,1", "--sigma-large", "2,2,2"], "not on y"),
+        (["--sigma-small", "1,2", "--sigma-large", "3"], "needs 1 or 3 values"),
+        (["--sigma-small", "a", "--sigma-large", "3"], "must be a number"),
+        (["--sigma-small", "1", "--fwhm-small", "2", "--sigma-large", "3"], "not both"),
+        (["--sigma-small", "1", "--sigma-large", "3", "--truncate", "0"], "truncate must be > 0"),
+        (["--sigma-small", "1", "--sigma-large", "3", "--mode", "bogus"], "unknown mode"),
+        (["--sigma-small", "1", "--sigma-large", "3", "--output-dtype", "int8"], "unknown output dtype"),
+        (["--sigma-small", "1", "--sigma-large", "3", "--cluster", "nosuch"], "unknown cluster profile"),
+    ],
+)
+def test_bad_parameters(inp, tmp_path, extra, expect):
+    _bad([inp, tmp_path / "o.zarr", *extra], expect, tmp_path / "o.zarr")
+
+
+def _existing_output(inp, tmp_path, shape_zyx=None):
+    """A real dogflow output made by prepare_output (what a finished run leaves)."""
+    from tasks import store
+
+    params = store.FilterParams(str(Path(inp).resolve()), 0, (1.0,) * 3, (3.0,) * 3, 4.0, "nearest", "float32")
+    shape = zarr.open_array(str(inp), mode="r").shape
+    if shape_zyx:
+        shape = (*shape[:2], *shape_zyx)
+    out = tmp_path / "exists.zarr"
+    arr = store.prepare_output(out, params, shape)
+    arr[0] = np.ones(arr.shape[1:], dtype=np.float32)
+    store.write_marker(out, 0, {"position": 0})
+    return out
+
+
+def test_output_with_other_parameters(inp, tmp_path):
+    out = _existing_output(inp, tmp_path)
+    _bad([inp, out, "--sigma-small", "1", "--sigma-large", "4"], "other parameters", out)
+    _bad([inp, out, "--channel", "1", "--sigma-small", "1", "--sigma-large", "3"], "other parameters", out)
+
+
+def test_output_with_other_shape(inp, tmp_path):
+    out = _existing_output(inp, tmp_path, shape_zyx=(3, 4, 5))
+    _bad([inp, out, "--sigma-small", "1", "--sigma-large", "3"], "another shape", out)
+
+
+def test_output_not_writable(inp, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    _bad([inp, f / "o.zarr", "--sigma-small", "1", "--sigma-large", "3"], "not writable")
+    _bad([inp, "/proc/dogflow-out.zarr", "--sigma-small", "1", "--sigma-large", "3"], "not writable")
+    _bad([inp, inp / "inside.zarr", "--sigma-small", "1", "--sigma-large", "3"], "must not be the input")
+
+
+def test_bad_input_real_process_exit_code(tmp_path):
+    res = run_cli("run", tmp_path / "missing.zarr", tmp_path / "o.zarr")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"dogflow: error: input not found: {tmp_path / 'missing.zarr'}"]
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_sample_through_dogflow_run_is_exact(tmp_path):
+    """The demo's sample dataset through the real console script (its own temporary Prefect API)."""
+    from flows.sample import make_sample
+
+    inp = tmp_path / "sample.zarr"
+    make_sample(inp, positions=3, channels=2, shape=(10, 32, 30), chunks=(4, 16, 16), blobs=10, seed=7)
+    out = tmp_path / "dog.zarr"
+    res = run_cli("run", inp, out, "--channel", "1", "--fwhm-small", "2.5,4,4", "--fwhm-large", "6,12,10",
+                  "--retry-delay", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 position(s) filtered" in res.stdout
+    src = zarr.open_array(str(inp), mode="r")
+    dst = zarr.open_array(str(out / "0"), mode="r")
+    f = 2 * np.sqrt(2 * np.log(2))
+    for p in range(3):
+        assert_exact(dst[p], src[p, 1], [2.5 / f, 4 / f, 4 / f], [6 / f, 12 / f, 10 / f])
+    st = run_cli("status", out)
+    assert st.returncode == 0
+    assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout

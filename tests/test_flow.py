@@ -1,0 +1,187 @@
+"""The dog-filter flow on a LocalCluster through DaskTaskRunner, against a real (test) Prefect API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import assert_exact, reference_dog
+from tasks import store
+
+SS, SL = [1.0, 1.5, 1.5], [2.0, 4.0, 3.0]
+
+
+def _run(sample, out, **kw):
+    from flows.dog_filter import dog_filter
+
+    args = dict(input_path=str(sample), output_path=str(out), channel=1, sigma_small=SS, sigma_large=SL,
+                retries=0, retry_delay_seconds=0)
+    args.update(kw)
+    return dog_filter(**args, return_state=True)
+
+
+def _chunk_file(sample, position, channel=1):
+    arr = zarr.open_array(str(sample), mode="r")
+    return Path(sample) / arr.metadata.encode_chunk_key((position, channel, 0, 0, 0))
+
+
+def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    state = _run(sample, out)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["processed"] == 3 and summary["skipped"] == 0 and summary["failed"] == []
+    src = zarr.open_array(str(sample), mode="r")
+    res = zarr.open_array(str(out / "0"), mode="r")
+    assert res.shape == (3, 12, 40, 36) and res.dtype == np.float32
+    for p in range(3):  # the last position (2) included
+        assert_exact(res[p], src[p, 1], SS, SL)
+        assert store.read_marker(out, p)["position"] == p
+    # NGFF 0.5 metadata and provenance
+    g = zarr.open_group(str(out), mode="r")
+    ome = g.attrs["ome"]
+    assert ome["version"] == "0.5"
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["position", "z", "y", "x"]
+    prov = g.attrs["dogflow"]
+    assert prov["params"]["channel"] == 1 and prov["params"]["sigma_large"] == SL
+    assert prov["params"]["input_path"] == str(sample) and prov["version"]
+    assert res.chunks[0] == 1
+
+
+def test_rerun_skips_completed_work(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _run(sample, out).is_completed()
+    before = {p: store.read_marker(out, p)["finished"] for p in range(3)}
+    state = _run(sample, out)
+    summary = state.result()
+    assert summary["processed"] == 0 and summary["skipped"] == 3
+    assert {p: store.read_marker(out, p)["finished"] for p in range(3)} == before
+    # force recomputes all of them
+    summary = _run(sample, out, force=True).result()
+    assert summary["processed"] == 3
+
+
+def test_subset_and_uint16_policy(prefect_api, sample, tmp_path):
+    out = tmp_path / "u16.zarr"
+    state = _run(sample, out, positions="0,2", output_dtype="uint16")
+    assert state.is_completed()
+    src = zarr.open_array(str(sample), mode="r")
+    res = zarr.open_array(str(out / "0"), mode="r")
+    assert res.dtype == np.uint16
+    for p in (0, 2):
+        ref = reference_dog(src[p, 1], SS, SL)
+        assert ref.min() < -1, "the test needs negative DoG values"
+        expected = np.clip(np.rint(ref), 0, 65535)
+        assert np.abs(res[p].astype(np.float64) - expected).max() <= 1  # rounding ties of float32 vs float64
+        assert res[p][ref < -1].max() == 0  # negatives clip to 0, they never wrap to ~65535
+    assert store.read_marker(out, 1) is None
+    assert not np.any(res[1])
+
+
+def test_changed_parameters_refused_unless_overwrite(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _run(sample, out, positions="0").is_completed()
+    before = zarr.open_array(str(out / "0"), mode="r")[0]
+    state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0])
+    assert state.is_failed()
+    assert "other parameters" in str(state.result(raise_on_failure=False))
+    np.testing.assert_array_equal(zarr.open_array(str(out / "0"), mode="r")[0], before)
+    assert store.read_marker(out, 0) is not None
+    state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0], overwrite=True)
+    assert state.is_completed() and state.result()["processed"] == 3
+    src = zarr.open_array(str(sample), mode="r")
+    assert_exact(zarr.open_array(str(out / "0"), mode="r")[0], src[0, 1], SS, [2.0, 5.0, 5.0])
+
+
+def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    chunk = _chunk_file(sample, 1)
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"\x00garbage" * 7)  # a corrupt chunk: position 1 cannot be decoded
+    state = _run(sample, out)
+    assert state.is_failed()
+    assert "1 position(s) failed: 1" in str(state.result(raise_on_failure=False))
+    src = zarr.open_array(str(out / "0"), mode="r")
+    inp = zarr.open_array(str(sample), mode="r")
+    for p in (0, 2):
+        assert store.read_marker(out, p) is not None
+        assert_exact(src[p], inp[p, 1], SS, SL)
+    assert store.read_marker(out, 1) is None
+    assert not (out / "dogflow" / "run.lock").exists()
+    chunk.write_bytes(good)  # repair: only position 1 is recomputed
+    summary = _run(sample, out).result()
+    assert summary["processed"] == 1 and summary["skipped"] == 2
+    assert [r["position"] for r in summary["positions"]] == [1]
+    assert_exact(zarr.open_array(str(out / "0"), mode="r")[1], inp[1, 1], SS, SL)
+
+
+def test_task_failing_once_is_retried(prefect_api, sample, tmp_path):
+    """A real transient fault: the chunk is corrupt on the first attempt and repaired during the retry delay."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    out = tmp_path / "out.zarr"
+    chunk = _chunk_file(sample, 2)
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"broken")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("state", _run(sample, out, positions=[2], retries=2,
+                                                                          retry_delay_seconds=6)))
+    t.start()
+    seen_retry = False
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + 120
+        while time.time() < deadline and not seen_retry:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-2"])))
+            seen_retry = any(r.state and r.state.name in ("AwaitingRetry", "Retrying") for r in runs)
+            time.sleep(0.3)
+    chunk.write_bytes(good)
+    t.join(180)
+    assert seen_retry, "the first attempt should have failed and been scheduled for retry"
+    state = result["state"]
+    assert state.is_completed(), state
+    assert store.read_marker(out, 2) is not None
+    assert_exact(zarr.open_array(str(out / "0"), mode="r")[2], zarr.open_array(str(sample), mode="r")[2, 1], SS, SL)
+
+
+def test_ome_group_and_zarr_v2_inputs(prefect_api, tmp_path):
+    from flows.sample import make_sample
+
+    v2 = tmp_path / "v2.zarr"
+    make_sample(v2, positions=2, channels=1, shape=(6, 20, 18), chunks=(3, 10, 9), blobs=5, zarr_format=2)
+    grp = tmp_path / "ome.zarr"
+    g = zarr.open_group(str(grp), mode="w")
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "0"}]}]}
+    make_sample(grp / "0", positions=2, channels=1, shape=(6, 20, 18), blobs=5, seed=3)
+    from flows.dog_filter import dog_filter
+
+    for src in (v2, grp):
+        out = tmp_path / f"{src.stem}-out.zarr"
+        state = dog_filter(input_path=str(src), output_path=str(out), channel=0, sigma_small=1.0, sigma_large=2.5,
+                           return_state=True)
+        assert state.is_completed(), state
+        arr = zarr.open(str(src), mode="r")
+        arr = arr["0"] if isinstance(arr, zarr.Group) else arr
+        res = zarr.open_array(str(out / "0"), mode="r")
+        for p in range(2):
+            assert_exact(res[p], arr[p, 0], 1.0, 2.5)
+
+
+def test_input_growing_along_positions_grows_output(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _run(sample, out).is_completed()
+    arr = zarr.open_array(str(sample), mode="r+")
+    arr.resize((4, *arr.shape[1:]))
+    rng = np.random.default_rng(5)
+    arr[3] = rng.integers(0, 1000, size=arr.shape[1:], dtype=np.uint16)
+    summary = _run(sample, out).result()
+    assert summary["processed"] == 1 and summary["skipped"] == 3
+    res = zarr.open_array(str(out / "0"), mode="r")
+    assert res.shape[0] == 4
+    assert_exact(res[3], arr[3, 1], SS, SL)
