@@ -68,7 +68,7 @@ def run_flow(input_path: str, output_path: str, show_progress: bool = True, **kw
         spec = validate(input_path, output_path, kw["channel"], kw["sigma_small"], kw["sigma_large"], kw["positions"],
                         kw["truncate"], kw["mode"], kw["output_dtype"], kw["overwrite"])
         profile = clusters.load_profile(kw["cluster"])
-        clusters.check_memory(profile, spec.input_shape[2:], spec.input_dtype, kw["output_dtype"])
+        clusters.preflight(profile, spec.input_shape[2:], spec.input_dtype, kw["output_dtype"])
     except (ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
     from tasks.store import RunLock, RunLockedError
@@ -233,15 +233,10 @@ def plan(
         workers = prof.max_workers or prof.n_workers or 1
         jobs = -(-workers // processes)
         typer.echo(f"workers: {workers} ({'adaptive ' + str(prof.min_workers) + '-' + str(prof.max_workers) if prof.adaptive else 'fixed'}), "
-                   f"jobs: {jobs}, task slots per job: {slots * processes}")
-        cluster_obj = clusters.make_cluster(
-            clusters.Profile(**{**prof.__dict__, "n_workers": 0, "max_workers": None, "min_workers": None})
-        )
-        try:
-            typer.echo("job script:")
-            typer.echo(cluster_obj.job_script())
-        finally:
-            cluster_obj.close()
+                   f"jobs: {'up to ' if prof.adaptive else ''}{jobs}, task slots per job: {slots * processes}")
+        typer.echo(f"TLS: {'off' if prof.kwargs.get('security') is False else 'on (certificates in ' + str(prof.kwargs.get('shared_temp_directory')) + ')'}")
+        typer.echo("job script (one worker job):")
+        typer.echo(clusters.job_script(prof))
 
 
 @app.command()

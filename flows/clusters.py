@@ -211,8 +211,9 @@ def parse_profile(data: Any, name: str = "<profile>") -> Profile:
     return prof
 
 
-def parse_walltime(value: Any) -> int:
-    """``"HH:MM:SS"``, ``"MM:SS"``, ``"D-HH:MM:SS"``, ``"HH:MM"`` (LSF) or minutes -> seconds."""
+def parse_walltime(value: Any, cluster_type: str = "slurm") -> int:
+    """Walltime -> seconds: ``"HH:MM:SS"``, ``"D-HH:MM:SS"``, a number of minutes, and
+    ``"MM:SS"`` (SLURM, PBS, SGE) or ``"HH:MM"`` (LSF) for two fields."""
     if isinstance(value, (int, float)):
         return int(value * 60)
     s = str(value).strip()
@@ -224,7 +225,7 @@ def parse_walltime(value: Any) -> int:
     if len(parts) == 3:
         h, m, sec = parts
     elif len(parts) == 2:
-        h, m, sec = 0, parts[0], parts[1]
+        h, m, sec = (parts[0], parts[1], 0) if cluster_type == "lsf" else (0, parts[0], parts[1])
     elif len(parts) == 1:
         h, m, sec = 0, parts[0], 0
     else:
@@ -241,10 +242,14 @@ def _setup_batch_defaults(prof: Profile, d: dict[str, Any]) -> None:
     elif d["security"] is True:
         d.setdefault("shared_temp_directory", str(Path("~/.dogflow/tls").expanduser()))
         d["shared_temp_directory"] = str(Path(d["shared_temp_directory"]).expanduser())
+    # Folders the flow process creates: expand ~ and $VARS here (local_directory is left to the job's shell).
+    for key in ("log_directory", "shared_temp_directory"):
+        if d.get(key):
+            d[key] = os.path.expandvars(os.path.expanduser(str(d[key])))
     # Workers retire before the walltime kills them.
     args = list(d.get("worker_extra_args") or [])
     if d.get("walltime") and not any(str(a).startswith("--lifetime") for a in args):
-        wall = parse_walltime(d["walltime"])
+        wall = parse_walltime(d["walltime"], prof.cluster_type)
         margin = prof.lifetime_margin if prof.lifetime_margin is not None else max(60, min(600, wall // 10))
         life = max(60, int(wall - margin))
         stagger = max(1, min(300, life // 20))
@@ -350,13 +355,29 @@ def runner_arguments(prof: Profile) -> dict[str, Any]:
     return args
 
 
-def make_cluster(prof: Profile):
-    """Instantiate the cluster directly (``dogflow plan`` uses it to render the job script)."""
-    args = runner_arguments(prof)
-    if "address" in args:
-        raise ProfileError("an 'address' profile has no cluster to build")
-    cls = _import_class(args["cluster_class"])
-    return cls(**args["cluster_kwargs"])
+def _prepare_directories(prof: Profile) -> None:
+    """Create the folders the cluster class writes into from this process (TLS files: owner-only)."""
+    tls = prof.kwargs.get("shared_temp_directory")
+    if tls and prof.kwargs.get("security") is True:
+        Path(tls).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if prof.kwargs.get("log_directory"):
+        Path(prof.kwargs["log_directory"]).mkdir(parents=True, exist_ok=True)
+
+
+def job_script(prof: Profile, scheduler: str = "tls://SCHEDULER-ADDRESS:8786") -> str:
+    """The batch script one worker job of this profile would run, rendered without starting anything.
+
+    The scheduler address is a placeholder (the real one exists once the flow starts
+    its scheduler). TLS file options are added by the cluster at start time.
+    """
+    if not prof.is_batch:
+        raise ProfileError(f"{prof.name}: cluster_type {prof.cluster_type} has no job script")
+    job_cls = _jobqueue_class(prof.cluster_type).job_cls
+    allowed = _class_keys(job_cls) - {"scheduler", "name", "config_name", "base_class_kwargs", "security"}
+    kwargs = {k: v for k, v in prof.kwargs.items() if k in allowed}
+    if not str(scheduler).startswith("tls://") or prof.kwargs.get("security") is False:
+        scheduler = scheduler.replace("tls://", "tcp://")
+    return job_cls(scheduler=scheduler, name="dogflow-worker", **kwargs).job_script()
 
 
 def build_task_runner(prof: Profile):
@@ -367,6 +388,7 @@ def build_task_runner(prof: Profile):
         import dask
 
         dask.config.set(prof.dask_config)
+    _prepare_directories(prof)
     args = runner_arguments(prof)
     if "cluster_class" in args:
         _import_class(args["cluster_class"])  # fail early on a bad class path
@@ -384,6 +406,18 @@ def memory_needed_per_task(zyx: tuple[int, int, int], input_dtype: str, output_d
     if output_dtype == "uint16":
         need += n * 2 + n * 4  # rint buffer + uint16 result
     return int(need * 1.1) + 256 * 2**20  # 10 % + 256 MiB for the interpreter, zarr codecs and buffers
+
+
+def preflight(prof: Profile, zyx: tuple[int, int, int], input_dtype: str, output_dtype: str) -> tuple[int, int | None]:
+    """Checks that need this host, before any job is submitted: the network interface exists, and memory."""
+    iface = prof.kwargs.get("interface")
+    if iface:
+        import psutil
+
+        names = sorted(psutil.net_if_addrs())
+        if iface not in names:
+            raise ProfileError(f"{prof.name}: network interface {iface!r} does not exist on this host; choose one of {', '.join(names)}")
+    return check_memory(prof, zyx, input_dtype, output_dtype)
 
 
 def check_memory(prof: Profile, zyx: tuple[int, int, int], input_dtype: str, output_dtype: str) -> tuple[int, int | None]:

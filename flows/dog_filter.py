@@ -179,7 +179,7 @@ def dog_filter(
         spec = validate(input_path, output_path, channel, sigma_small, sigma_large, positions, truncate, mode,
                         output_dtype, overwrite)
         profile = clusters.load_profile(cluster)
-        need, have = clusters.check_memory(profile, spec.input_shape[2:], spec.input_dtype, output_dtype)
+        need, have = clusters.preflight(profile, spec.input_shape[2:], spec.input_dtype, output_dtype)
     except (ParameterError, clusters.ProfileError) as exc:
         logger.error("%s", exc)
         raise
