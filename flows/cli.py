@@ -78,6 +78,10 @@ def run_flow(input_path: str, output_path: str, show_progress: bool = True, **kw
     except RunLockedError as exc:
         _fail(str(exc))
 
+    if profile.cluster_type == clusters.RUNNER_TYPE:  # inside `srun -n N`: only rank 1 runs the flow
+        with clusters.slurm_runner(profile):
+            with prefect_api():
+                return _run_with_progress(spec, show_progress, kw)
     with prefect_api():
         return _run_with_progress(spec, show_progress, kw)
 

@@ -51,7 +51,9 @@ import yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "infra" / "clusters"
 JOBQUEUE_TYPES = ("slurm", "pbs", "lsf", "sge")
-BUILTIN_TYPES = ("local", *JOBQUEUE_TYPES, "address")
+RUNNER_TYPE = "slurm-runner"
+RUNNER_KEYS = ("scheduler_file", "scheduler_options", "worker_options", "worker_class")
+BUILTIN_TYPES = ("local", *JOBQUEUE_TYPES, RUNNER_TYPE, "address")
 DOGFLOW_KEYS = ("cluster_type", "n_workers", "min_workers", "max_workers", "threads_per_task", "lifetime_margin", "dask_config")
 LOCAL_KEYS = (
     "threads_per_worker",
@@ -108,6 +110,8 @@ def valid_keys(cluster_type: str) -> list[str]:
         }
     elif cluster_type == "address":
         extra = {"address"}
+    elif cluster_type == RUNNER_TYPE:
+        extra = set(RUNNER_KEYS)
     else:
         return []  # a foreign cluster class: its own signature decides
     return sorted(set(DOGFLOW_KEYS) | extra)
@@ -207,6 +211,11 @@ def parse_profile(data: Any, name: str = "<profile>") -> Profile:
     elif ctype == "local":
         if prof.n_workers is None and prof.max_workers is None:
             prof.n_workers = 1
+    elif ctype == RUNNER_TYPE:
+        if prof.n_workers is not None or prof.max_workers is not None:
+            raise ProfileError(f"{name}: slurm-runner workers are the allocation's ranks (srun -n N: N-2 workers); drop n_workers/max_workers")
+        d.setdefault("scheduler_file", "~/.dogflow/runner/scheduler-{job_id}.json")
+        d["scheduler_file"] = os.path.expandvars(os.path.expanduser(str(d["scheduler_file"])))
     prof.kwargs = d
     return prof
 
@@ -338,6 +347,8 @@ def runner_arguments(prof: Profile) -> dict[str, Any]:
     """The keyword arguments of ``DaskTaskRunner`` for this profile (data only, for tests and plans)."""
     if prof.cluster_type == "address":
         return {"address": prof.kwargs["address"]}
+    if prof.cluster_type == RUNNER_TYPE:
+        return {"address": runner_scheduler_address(prof)}
     if prof.cluster_type == "local":
         cls_path = "distributed.LocalCluster"
     elif prof.is_batch:
@@ -353,6 +364,36 @@ def runner_arguments(prof: Profile) -> dict[str, Any]:
     elif prof.n_workers is not None:
         kwargs["n_workers"] = prof.n_workers
     return args
+
+
+def runner_scheduler_file(prof: Profile) -> str:
+    """The scheduler file of this SLURM allocation (``{job_id}`` filled from ``SLURM_JOB_ID``)."""
+    return prof.kwargs["scheduler_file"].format(job_id=os.environ.get("SLURM_JOB_ID", "nojob"))
+
+
+def runner_scheduler_address(prof: Profile) -> str:
+    """The address the allocation's rank-0 scheduler wrote into the shared scheduler file."""
+    import json
+
+    path = runner_scheduler_file(prof)
+    try:
+        with open(path) as fh:
+            return json.load(fh)["address"]
+    except (OSError, ValueError, KeyError):
+        return f"<scheduler address from {path}, written when the allocation starts>"
+
+
+def slurm_runner(prof: Profile):
+    """dask-jobqueue's ``SLURMRunner`` for this allocation: rank 0 scheduler, rank 1 client, others workers.
+
+    Only rank 1 executes the body of ``with slurm_runner(prof):``; the other ranks
+    serve until it leaves, then exit.
+    """
+    from dask_jobqueue.slurm import SLURMRunner
+
+    Path(runner_scheduler_file(prof)).parent.mkdir(parents=True, exist_ok=True)
+    kw = {k: prof.kwargs[k] for k in ("scheduler_options", "worker_options", "worker_class") if prof.kwargs.get(k)}
+    return SLURMRunner(scheduler_file=prof.kwargs["scheduler_file"], **kw)
 
 
 def _prepare_directories(prof: Profile) -> None:
@@ -384,10 +425,11 @@ def build_task_runner(prof: Profile):
     """The profile as a ``prefect_dask.DaskTaskRunner`` (``cluster_class`` + kwargs, never a live cluster)."""
     from prefect_dask import DaskTaskRunner
 
-    if prof.dask_config:
-        import dask
+    import dask
 
-        dask.config.set(prof.dask_config)
+    from flows.params import DEFAULT_ALLOWED_FAILURES
+
+    dask.config.set({"distributed.scheduler.allowed-failures": DEFAULT_ALLOWED_FAILURES, **prof.dask_config})
     _prepare_directories(prof)
     args = runner_arguments(prof)
     if "cluster_class" in args:

@@ -7,8 +7,10 @@ in the parent before any cluster (or SLURM job) exists.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, unmapped
@@ -49,12 +51,14 @@ def filter_positions(
     threads: Optional[int] = None,
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    allow_missing_chunks: bool = False,
 ) -> list[dict[str, Any]]:
     """Map :func:`tasks.position.filter_position` over ``positions`` on this flow's task runner."""
     logger = get_run_logger()
     _log_dashboard(logger)
     task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads))
+    futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
+                       unmapped(allow_missing_chunks))
     by_future = {f.task_run_id: p for f, p in zip(futures, positions)}
     progress_id = create_progress_artifact(
         progress=0.0, key="dog-filter-progress", description=f"{len(positions)} positions to filter"
@@ -63,17 +67,51 @@ def filter_positions(
     for done, fut in enumerate(as_completed(futures), start=1):
         pos = by_future[fut.task_run_id]
         fut.wait()
-        state = fut.state
-        if state.is_completed():
-            results.append({**fut.result(), "status": "completed"})
-        else:
+        line = _dask_failure(fut, pos)
+        if line is None:
+            state = fut.state
+            if state.is_completed():
+                results.append({**fut.result(), "status": "completed"})
+                update_progress_artifact(progress_id, progress=100.0 * done / len(positions))
+                continue
             err = fut.result(raise_on_failure=False)
             line = _error_line(err if isinstance(err, BaseException) else None)
-            logger.error("position %d failed for good: %s", pos, line)
-            _log_worker_logs(logger)
-            results.append({"position": pos, "status": "failed", "error": line})
+        logger.error("position %d failed for good: %s", pos, line)
+        _log_worker_logs(logger)
+        results.append({"position": pos, "status": "failed", "error": line})
         update_progress_artifact(progress_id, progress=100.0 * done / len(positions))
     return sorted(results, key=lambda r: r["position"])
+
+
+def _dask_failure(fut, position: int) -> str | None:
+    """If Dask itself gave up on the task (its workers kept dying), say so and mark the task run Failed.
+
+    Without this the Prefect task run would stay Running forever: the process that
+    would have reported its final state is dead.
+    """
+    if getattr(fut, "_final_state", None) is not None:
+        return None
+    dask_future = fut.wrapped_future
+    if dask_future.status not in ("error", "cancelled"):
+        return None
+    try:
+        exc = dask_future.exception(timeout=5) if dask_future.status == "error" else None
+    except Exception as e:  # cancelled futures raise here
+        exc = e
+    import dask
+
+    allowed = dask.config.get("distributed.scheduler.allowed-failures")
+    if type(exc).__name__ == "KilledWorker":
+        line = (f"position {position}: the Dask worker running it died {allowed + 1} times "
+                f"(allowed-failures={allowed}; out of memory, killed, or node lost) - see the worker logs below")
+    else:
+        line = f"position {position}: Dask lost the task ({_error_line(exc)})"
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(fut.task_run_id, Failed(message=line), force=True)
+    return line
 
 
 def _dask_client():
@@ -112,6 +150,38 @@ def _log_worker_logs(logger: logging.Logger, lines: int = 30) -> None:
     for worker, entries in logs.items():
         text = "\n".join(msg for _, msg in entries)
         logger.info("last %d log lines of worker %s:\n%s", lines, worker, text)
+
+
+def _start_run_log(output_path: str) -> logging.FileHandler:
+    """Copy this run's Prefect log lines into a file next to the output (or in $DOGFLOW_LOG_DIR).
+
+    Named ``<flow-run-name>-<SLURM_JOB_ID or 'local'>.log``.
+    """
+    folder = Path(os.environ["DOGFLOW_LOG_DIR"]) if os.environ.get("DOGFLOW_LOG_DIR") else store.log_dir(output_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{flow_run.get_name() or 'run'}-{os.environ.get('SLURM_JOB_ID', 'local')}.log"
+    handler = logging.FileHandler(folder / name)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("prefect").addHandler(handler)
+    return handler
+
+
+def _preview_artifact(output_path: str, position: int) -> None:
+    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | DoG MIP)."""
+    png = store.preview_path(output_path, position)
+    if not png.exists():
+        return
+    data = base64.b64encode(png.read_bytes()).decode()
+    create_markdown_artifact(
+        key="dog-filter-preview",
+        markdown=(
+            f"# Position {position}: max-intensity projection along z\n\n"
+            f"Left: input. Right: Difference of Gaussians. File: `{png}`\n\n"
+            f"![position {position} preview](data:image/png;base64,{data})"
+        ),
+        description=f"MIP preview of position {position}",
+    )
 
 
 def _summary_markdown(spec_input: str, spec_output: str, skipped: int, rows: list[dict[str, Any]]) -> str:
@@ -154,6 +224,7 @@ def dog_filter(
     cluster: str = "local",
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    allow_missing_chunks: bool = False,
 ) -> dict[str, Any]:
     """Exact 3-D Difference of Gaussians of every position of a 5-D Zarr dataset.
 
@@ -172,6 +243,7 @@ def dog_filter(
         cluster: Cluster profile: a name in infra/clusters (local, slurm, ...) or a path to a YAML file.
         retries: Prefect retries of a failed position task.
         retry_delay_seconds: Seconds between those retries.
+        allow_missing_chunks: Read a missing input chunk as the fill value instead of failing the position.
     """
     logger = get_run_logger()
     # 1. validate: parameters, input, output, profile, memory. Nothing is written before this passes.
@@ -189,8 +261,11 @@ def dog_filter(
     # 2. plan: lock the output, create/open it, find what is not complete.
     run_id = str(flow_run.get_id() or "")
     lock = store.RunLock(spec.output_path, run_id=run_id).acquire()
+    log_handler = None
     try:
         out = store.prepare_output(spec.output_path, spec.params, spec.input_shape, overwrite=spec.overwrite)
+        log_handler = _start_run_log(spec.output_path)
+        logger.info("run log: %s", log_handler.baseFilename)
         src = store.open_input(spec.input_path)
         states = store.scan_positions(spec.output_path, src, spec.params, spec.positions)
         pending = list(spec.positions) if force else [p for p, (s, _, _) in states.items() if s != "complete"]
@@ -218,9 +293,13 @@ def dog_filter(
                 clusters.threads_per_task(profile),
                 retries,
                 retry_delay_seconds,
+                allow_missing_chunks,
             )
     finally:
         lock.release()
+        if log_handler is not None:
+            logging.getLogger("prefect").removeHandler(log_handler)
+            log_handler.close()
 
     # 4. summarise.
     failed = [r["position"] for r in rows if r["status"] != "completed"]
@@ -232,6 +311,9 @@ def dog_filter(
         "failed": failed,
         "positions": rows,
     }
+    done_rows = [r for r in rows if r["status"] == "completed"]
+    if done_rows:
+        _preview_artifact(spec.output_path, done_rows[len(done_rows) // 2]["position"])
     create_markdown_artifact(
         markdown=_summary_markdown(spec.input_path, spec.output_path, skipped, rows),
         key="dog-filter-summary",

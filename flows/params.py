@@ -18,8 +18,16 @@ from tasks.store import OUTPUT_DTYPES, FilterParams, StoreError, check_output, o
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548...
 SEED_SIGMA_SMALL = 50 / 2.35
 SEED_SIGMA_LARGE = 200 / 2.35
+# Failure budget of one position, stated once (see README "Retries"):
+# - Prefect retries: an exception inside the task (I/O error, corrupt chunk) is retried
+#   DEFAULT_RETRIES times, DEFAULT_RETRY_DELAY_SECONDS apart, on the same worker.
+# - Dask rescheduling: if the worker process dies while running the task (OOM kill, node
+#   failure, scancel, walltime), the scheduler re-runs the task on another worker, until it
+#   has killed DEFAULT_ALLOWED_FAILURES + 1 workers; then the position fails for good.
+# The worst case for one position is (DEFAULT_ALLOWED_FAILURES + 1) * (DEFAULT_RETRIES + 1) attempts.
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_SECONDS = 10.0
+DEFAULT_ALLOWED_FAILURES = 2
 
 
 class ParameterError(ValueError):

@@ -16,7 +16,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import dog, store
+from tasks import dog, preview, store
+
+
+class InputChunkError(RuntimeError):
+    """An input chunk of the position is missing or cannot be decoded (the message names it)."""
 
 
 def worker_threads() -> int:
@@ -41,8 +45,14 @@ def process_position(
     position: int,
     params: dict[str, Any],
     threads: int | None = None,
+    allow_missing_chunks: bool = False,
 ) -> dict[str, Any]:
-    """Filter one position end to end and return its summary (never the array)."""
+    """Filter one position end to end and return its summary (never the array).
+
+    A missing input chunk is an error unless ``allow_missing_chunks`` (then it reads
+    as the array's fill value, as in Zarr); an unreadable chunk is an error that
+    names the chunk.
+    """
     p = store.FilterParams.from_dict(params)
     t0 = time.perf_counter()
     src = store.open_input(input_path)
@@ -50,16 +60,24 @@ def process_position(
     fingerprint = store.input_fingerprint(src, position, p.channel)
     # Unmark first: from here until the new marker lands, this position is not complete.
     store.clear_marker(output_path, position)
+    if not allow_missing_chunks:
+        missing = store.missing_objects(src, position, p.channel)
+        if missing:
+            raise InputChunkError(
+                f"position {position}: input chunk {missing[0]} is missing from {input_path}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
     try:
         volume = src[position, p.channel]
     except Exception as exc:
-        raise RuntimeError(
-            f"position {position}: cannot read input {input_path}[{position}, {p.channel}]: {type(exc).__name__}: {exc}"
-        ) from exc
+        bad = store.find_unreadable_chunk(src, position, p.channel)
+        where = f"input chunk {bad[0]} of {input_path} cannot be read ({bad[1]})" if bad else f"{type(exc).__name__}: {exc}"
+        raise InputChunkError(f"position {position}: {where}") from exc
     nthreads = threads or worker_threads()
     result = dog.difference_of_gaussians(
         volume, p.sigma_small, p.sigma_large, truncate=p.truncate, mode=p.mode, threads=nthreads
     )
+    store.write_preview(output_path, position, preview.preview_png(volume, result))
     del volume
     stats = {
         "min": float(result.min()),
@@ -92,7 +110,12 @@ def process_position(
     cache_policy=NO_CACHE,
 )
 def filter_position(
-    input_path: str, output_path: str, position: int, params: dict[str, Any], threads: int | None = None
+    input_path: str,
+    output_path: str,
+    position: int,
+    params: dict[str, Any],
+    threads: int | None = None,
+    allow_missing_chunks: bool = False,
 ) -> dict[str, Any]:
     """Prefect task around :func:`process_position` (retries are set per run by the flow)."""
-    return process_position(input_path, output_path, position, params, threads)
+    return process_position(input_path, output_path, position, params, threads, allow_missing_chunks)

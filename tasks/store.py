@@ -13,6 +13,7 @@ Output (``OUTPUT``), an OME-Zarr image group (NGFF 0.5, zarr v3)::
     OUTPUT/dogflow/positions/NNNNNN.json   completion marker of position NNNNNN
     OUTPUT/dogflow/run.lock           exclusive run lock (see :class:`RunLock`)
     OUTPUT/dogflow/logs/              per-run log files
+    OUTPUT/dogflow/previews/NNNNNN.png  input MIP next to DoG MIP, per position
 
 Completion markers
     A position is *complete* when its marker exists, parses, and records the same
@@ -49,6 +50,7 @@ META_GROUP = "dogflow"
 MARKER_DIR = "positions"
 LOCK_NAME = "run.lock"
 LOG_DIR = "logs"
+PREVIEW_DIR = "previews"
 LAYOUT_VERSION = 1
 OUTPUT_DTYPES = ("float32", "uint16")
 NGFF_VERSION = "0.5"
@@ -148,32 +150,58 @@ def _array_root(arr: zarr.Array) -> Path:
     return Path(root) / arr.path if arr.path else Path(root)
 
 
-def input_fingerprint(arr: zarr.Array, position: int, channel: int) -> str:
-    """Fingerprint of ``arr[position, channel]`` without reading its data.
-
-    The SHA-256 of the sorted ``(key, size, mtime_ns)`` of every stored object
-    (chunk, or shard when sharded) that covers the position and channel, plus the
-    array's (z, y, x) shape, dtype and chunk grid (not the number of positions, which may grow). A missing object (a fill-value chunk) contributes
-    ``(key, -1, -1)``. Any rewrite of a chunk changes its mtime, so a changed
-    input position changes its fingerprint; cost is one ``stat`` per object.
-    """
+def position_objects(arr: zarr.Array, position: int, channel: int) -> list[tuple[str, Path]]:
+    """(key, path) of every stored object (chunk, or shard when sharded) covering ``arr[position, channel]``."""
     root = _array_root(arr)
     grid = _storage_grid(arr)
-    shape = arr.shape
-    counts = [-(-shape[d] // grid[d]) for d in range(2, 5)]
-    h = hashlib.sha256()
-    h.update(json.dumps([list(shape[2:]), str(arr.dtype), list(grid)]).encode())
+    counts = [-(-arr.shape[d] // grid[d]) for d in range(2, 5)]
     cp, cc = position // grid[0], channel // grid[1]
+    out = []
     for iz in range(counts[0]):
         for iy in range(counts[1]):
             for ix in range(counts[2]):
                 key = arr.metadata.encode_chunk_key((cp, cc, iz, iy, ix))
-                try:
-                    st = os.stat(root / key)
-                    h.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                except FileNotFoundError:
-                    h.update(f"{key}\0-1\0-1\n".encode())
+                out.append((key, root / key))
+    return out
+
+
+def input_fingerprint(arr: zarr.Array, position: int, channel: int) -> str:
+    """Fingerprint of ``arr[position, channel]`` without reading its data.
+
+    The SHA-256 of the ``(key, size, mtime_ns)`` of every stored object (chunk, or
+    shard when sharded) that covers the position and channel, plus the array's
+    (z, y, x) shape, dtype and storage grid (not the number of positions, which may
+    grow). A missing object contributes ``(key, -1, -1)``. Any rewrite of a chunk
+    changes its mtime, so a changed input position changes its fingerprint; the
+    cost is one ``stat`` per object.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([list(arr.shape[2:]), str(arr.dtype), list(_storage_grid(arr))]).encode())
+    for key, path in position_objects(arr, position, channel):
+        try:
+            st = os.stat(path)
+            h.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{key}\0-1\0-1\n".encode())
     return h.hexdigest()[:32]
+
+
+def missing_objects(arr: zarr.Array, position: int, channel: int) -> list[str]:
+    """Keys of the stored objects of ``arr[position, channel]`` that are not on disk."""
+    return [key for key, path in position_objects(arr, position, channel) if not path.exists()]
+
+
+def find_unreadable_chunk(arr: zarr.Array, position: int, channel: int) -> tuple[str, str] | None:
+    """Decode each chunk of ``arr[position, channel]`` alone; return (key, error) of the first that fails."""
+    grid = _storage_grid(arr)
+    for key, _ in position_objects(arr, position, channel):
+        idx = [int(i) for i in key.replace("/", ".").split(".")[-3:]]
+        sl = tuple(slice(i * g, (i + 1) * g) for i, g in zip(idx, grid[2:]))
+        try:
+            arr[(position, channel, *sl)]
+        except Exception as exc:
+            return key, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
 
 
 # --------------------------------------------------------------------------- output
@@ -365,11 +393,11 @@ def _marker_path(out: str | os.PathLike, position: int) -> Path:
     return Path(out) / META_GROUP / MARKER_DIR / f"{position:06d}.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -378,6 +406,14 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_marker(out: str | os.PathLike, position: int, record: dict[str, Any]) -> None:
     """Mark ``position`` complete. Call only after all its chunks are written."""
     _atomic_write(_marker_path(out, position), json.dumps(record, sort_keys=True))
+
+
+def preview_path(out: str | os.PathLike, position: int) -> Path:
+    return Path(out) / META_GROUP / PREVIEW_DIR / f"{position:06d}.png"
+
+
+def write_preview(out: str | os.PathLike, position: int, png: bytes) -> None:
+    _atomic_write(preview_path(out, position), png)
 
 
 def clear_marker(out: str | os.PathLike, position: int) -> None:
