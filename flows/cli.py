@@ -273,7 +273,7 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
         counts[st] += 1
         if marker:
             sig = f"σ {marker['params']['sigma_small']} / {marker['params']['sigma_large']}"
-            typer.echo(f"{p:6d}  {st:8s}{why}  {sig}  {marker.get('seconds', 0):.1f}s on {marker.get('host')}"
+            typer.echo(f"{p:6d}  {st + why:<24s}  {sig}  {marker.get('seconds', 0):.1f}s on {marker.get('host')}"
                        + (f" job {marker['slurm_job_id']}" if marker.get("slurm_job_id") else ""))
         else:
             typer.echo(f"{p:6d}  {st}")

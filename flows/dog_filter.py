@@ -98,10 +98,12 @@ def _dask_failure(fut, position: int) -> str | None:
         exc = dask_future.exception(timeout=5) if dask_future.status == "error" else None
     except Exception as e:  # cancelled futures raise here
         exc = e
-    import dask
-
-    allowed = dask.config.get("distributed.scheduler.allowed-failures")
     if type(exc).__name__ == "KilledWorker":
+        allowed = getattr(exc, "allowed_failures", None)
+        if allowed is None:  # older distributed: the flow process's setting is the best guess
+            import dask
+
+            allowed = dask.config.get("distributed.scheduler.allowed-failures")
         line = (f"position {position}: the Dask worker running it died {allowed + 1} times "
                 f"(allowed-failures={allowed}; out of memory, killed, or node lost) - see the worker logs below")
     else:
@@ -165,6 +167,12 @@ def _start_run_log(output_path: str) -> logging.FileHandler:
     handler.setLevel(logging.INFO)
     logging.getLogger("prefect").addHandler(handler)
     return handler
+
+
+def _stop_run_log(handler: logging.FileHandler | None) -> None:
+    if handler is not None:
+        logging.getLogger("prefect").removeHandler(handler)
+        handler.close()
 
 
 def _preview_artifact(output_path: str, position: int) -> None:
@@ -262,6 +270,8 @@ def dog_filter(
     run_id = str(flow_run.get_id() or "")
     lock = store.RunLock(spec.output_path, run_id=run_id).acquire()
     log_handler = None
+    rows: list[dict[str, Any]] = []
+    rows_ok = False  # when the map finished, the run log stays open for the summary
     try:
         out = store.prepare_output(spec.output_path, spec.params, spec.input_shape, overwrite=spec.overwrite)
         log_handler = _start_run_log(spec.output_path)
@@ -282,7 +292,6 @@ def dog_filter(
             logger.info("position %d is stale: %s", p, store.stale_reason(marker, expected))
 
         # 3. map.
-        rows: list[dict[str, Any]] = []
         if pending:
             runner = clusters.build_task_runner(profile)
             rows = filter_positions.with_options(task_runner=runner)(
@@ -295,40 +304,43 @@ def dog_filter(
                 retry_delay_seconds,
                 allow_missing_chunks,
             )
+        rows_ok = True
     finally:
         lock.release()
-        if log_handler is not None:
-            logging.getLogger("prefect").removeHandler(log_handler)
-            log_handler.close()
+        if not rows_ok:
+            _stop_run_log(log_handler)
 
-    # 4. summarise.
-    failed = [r["position"] for r in rows if r["status"] != "completed"]
-    summary = {
-        "output_path": spec.output_path,
-        "selected": len(spec.positions),
-        "processed": len(rows) - len(failed),
-        "skipped": skipped,
-        "failed": failed,
-        "positions": rows,
-    }
-    done_rows = [r for r in rows if r["status"] == "completed"]
-    if done_rows:
-        _preview_artifact(spec.output_path, done_rows[len(done_rows) // 2]["position"])
-    create_markdown_artifact(
-        markdown=_summary_markdown(spec.input_path, spec.output_path, skipped, rows),
-        key="dog-filter-summary",
-        description="dog-filter: per-position results",
-    )
-    logger.info(
-        "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
-        summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
-    )
-    if failed:
-        raise RunFailed(
-            f"{len(failed)} position(s) failed: {', '.join(map(str, failed))}; "
-            f"completed positions are kept, re-run to retry only the failed ones"
+    # 4. summarise (still into the run log).
+    try:
+        failed = [r["position"] for r in rows if r["status"] != "completed"]
+        summary = {
+            "output_path": spec.output_path,
+            "selected": len(spec.positions),
+            "processed": len(rows) - len(failed),
+            "skipped": skipped,
+            "failed": failed,
+            "positions": rows,
+        }
+        done_rows = [r for r in rows if r["status"] == "completed"]
+        if done_rows:
+            _preview_artifact(spec.output_path, done_rows[len(done_rows) // 2]["position"])
+        create_markdown_artifact(
+            markdown=_summary_markdown(spec.input_path, spec.output_path, skipped, rows),
+            key="dog-filter-summary",
+            description="dog-filter: per-position results",
         )
-    return summary
+        logger.info(
+            "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
+            summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
+        )
+        if failed:
+            raise RunFailed(
+                f"{len(failed)} position(s) failed: {', '.join(map(str, failed))}; "
+                f"completed positions are kept, re-run to retry only the failed ones"
+            )
+        return summary
+    finally:
+        _stop_run_log(log_handler)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python flows/dog_filter.py` serves nothing; use the CLI

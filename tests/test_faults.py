@@ -1,0 +1,312 @@
+"""Faults, each caused for real: dead workers, a killed flow process, corrupt and missing chunks,
+colliding runs, a failing disk write. No voxel may be lost or corrupted, and the user must see what happened."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from conftest import ROOT, assert_exact, run_cli
+from tasks import store
+
+SS, SL = [1.0, 2.0, 2.0], [2.0, 5.0, 5.0]
+
+
+def _volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0):
+    """Random uint16 positions, big enough that filtering one takes a noticeable fraction of a second."""
+    rng = np.random.default_rng(seed)
+    arr = zarr.create_array(str(path), shape=(positions, 1, *shape), chunks=(1, 1, 24, 128, 128), dtype="uint16")
+    for p in range(positions):
+        arr[p, 0] = rng.integers(50, 2000, size=shape, dtype=np.uint16)
+    return arr
+
+
+def _running_positions():
+    """Run on a Dask worker: the positions whose process_position frame is live right now."""
+    found = []
+    for frame in sys._current_frames().values():
+        f = frame
+        while f is not None:
+            if f.f_code.co_name == "process_position":
+                found.append(f.f_locals.get("position"))
+            f = f.f_back
+    return found
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs the worker process that is filtering ``position``, ``times`` times (None: every time)."""
+
+    def __init__(self, client, position, times=1):
+        super().__init__(daemon=True)
+        self.client, self.position, self.times = client, position, times
+        self.kills: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set() and (self.times is None or len(self.kills) < self.times):
+            try:
+                running = self.client.run(_running_positions)
+            except Exception:
+                time.sleep(0.05)
+                continue
+            for addr, positions in running.items():
+                if self.position in positions:
+                    try:
+                        pid = self.client.run(os.getpid, workers=[addr])[addr]
+                    except Exception:
+                        continue
+                    if pid not in self.kills:
+                        os.kill(pid, signal.SIGKILL)
+                        self.kills.append(pid)
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A real LocalCluster with nannies (worker processes), allowed-failures=1; the flow joins it by address."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cl = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+        client = Client(cl)
+        profile = tmp_path / "join.yaml"
+        profile.write_text(yaml.safe_dump({"cluster_type": "address", "address": cl.scheduler_address}))
+        yield client, profile
+        client.close()
+        cl.close()
+
+
+def _flow(inp, out, **kw):
+    from flows.dog_filter import dog_filter
+
+    args = dict(input_path=str(inp), output_path=str(out), channel=0, sigma_small=SS, sigma_large=SL, retries=0,
+                retry_delay_seconds=0)
+    args.update(kw)
+    return dog_filter(**args, return_state=True)
+
+
+def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_path):
+    client, profile = cluster
+    arr = _volume_dataset(tmp_path / "in.zarr")
+    killer = WorkerKiller(client, position=1, times=1)
+    killer.start()
+    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster=str(profile))
+    killer.stop.set()
+    assert len(killer.kills) == 1, "the worker filtering position 1 should have been killed once"
+    assert state.is_completed(), state
+    res = zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")
+    for p in range(4):
+        assert_exact(res[p], arr[p, 0], SS, SL)
+        assert store.read_marker(tmp_path / "out.zarr", p) is not None
+
+
+def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, cluster, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    client, profile = cluster
+    arr = _volume_dataset(tmp_path / "in.zarr")
+    killer = WorkerKiller(client, position=2, times=None)
+    killer.start()
+    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster=str(profile))
+    killer.stop.set()
+    assert len(killer.kills) == 2  # allowed-failures=1: the second death is final
+    assert state.is_failed()
+    msg = str(state.result(raise_on_failure=False))
+    assert "1 position(s) failed: 2" in msg
+    res = zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")
+    for p in (0, 1, 3):
+        assert_exact(res[p], arr[p, 0], SS, SL)
+    assert store.read_marker(tmp_path / "out.zarr", 2) is None
+    # the task run is Failed with a readable reason, not stuck in Running
+    with get_client(sync_client=True) as pc:
+        runs = pc.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-2"])))
+        latest = max(runs, key=lambda r: r.created)
+        assert latest.state.type.value == "FAILED", latest.state
+        assert "died 2 times" in latest.state.message and "position 2" in latest.state.message
+
+
+def test_corrupt_and_missing_chunks_are_named_and_repaired(prefect_api, tmp_path):
+    from flows.sample import make_sample
+
+    inp = tmp_path / "in.zarr"
+    arr = make_sample(inp, positions=4, channels=1, shape=(8, 32, 32), chunks=(4, 16, 16), blobs=5)
+    corrupt = inp / arr.metadata.encode_chunk_key((1, 0, 1, 0, 1))
+    missing = inp / arr.metadata.encode_chunk_key((3, 0, 0, 1, 0))
+    good_corrupt, good_missing = corrupt.read_bytes(), missing.read_bytes()
+    corrupt.write_bytes(b"\xff" * 40)
+    missing.unlink()
+    out = tmp_path / "out.zarr"
+    state = _flow(inp, out, sigma_small=1.0, sigma_large=2.0)
+    assert state.is_failed()
+    assert "2 position(s) failed: 1, 3" in str(state.result(raise_on_failure=False))
+    summary = _latest_artifact("dog-filter-summary")
+    assert "input chunk c/1/0/1/0/1" in summary and "cannot be read" in summary
+    assert "input chunk c/3/0/0/1/0 is missing" in summary
+    assert store.read_marker(out, 0) and store.read_marker(out, 2)
+    corrupt.write_bytes(good_corrupt)
+    missing.write_bytes(good_missing)
+    state = _flow(inp, out, sigma_small=1.0, sigma_large=2.0)
+    summary = state.result()
+    assert sorted(r["position"] for r in summary["positions"]) == [1, 3] and summary["skipped"] == 2
+    res = zarr.open_array(str(out / "0"), mode="r")
+    for p in range(4):
+        assert_exact(res[p], arr[p, 0], 1.0, 2.0)
+
+
+def test_failed_disk_write_is_not_marked_and_retry_rewrites(prefect_api, tmp_path):
+    """A real write failure inside the output store: a file where position 1's chunk folder must go."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.sample import make_sample
+
+    inp = tmp_path / "in.zarr"
+    arr = make_sample(inp, positions=2, channels=1, shape=(8, 32, 32), blobs=5)
+    out = tmp_path / "out.zarr"
+    assert _flow(inp, out, positions="0", sigma_small=1.0, sigma_large=2.0).is_completed()
+    blocker = out / "0" / "c" / "1"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "state", _flow(inp, out, positions="1", sigma_small=1.0, sigma_large=2.0, retries=2, retry_delay_seconds=5)))
+    t.start()
+    seen = False
+    with get_client(sync_client=True) as pc:
+        deadline = time.time() + 120
+        while time.time() < deadline and not seen:
+            runs = pc.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-1"])))
+            seen = any(r.state and r.state.name == "AwaitingRetry" for r in runs)
+            time.sleep(0.2)
+    assert seen, "the failed write should put the task in AwaitingRetry"
+    assert store.read_marker(out, 1) is None, "a position whose write failed must not be marked complete"
+    blocker.unlink()
+    t.join(120)
+    assert result["state"].is_completed(), result["state"]
+    assert store.read_marker(out, 1) is not None
+    assert_exact(zarr.open_array(str(out / "0"), mode="r")[1], arr[1, 0], 1.0, 2.0)
+
+
+def _latest_artifact(key):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                 sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert arts, f"no artifact {key}"
+    return arts[0].data
+
+
+def test_artifacts_progress_table_preview(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    state = _flow(sample, out, channel=1)
+    assert state.is_completed()
+    table = _latest_artifact("dog-filter-summary")
+    assert "| position | status | seconds | host | SLURM job | min | max | mean |" in table
+    for p in range(3):
+        assert f"| {p} | completed |" in table
+    assert "processed: **3**" in table
+    assert float(_latest_artifact("dog-filter-progress")) == pytest.approx(100.0)
+    preview = _latest_artifact("dog-filter-preview")
+    b64 = preview.split("data:image/png;base64,")[1].split(")")[0]
+    png = base64.b64decode(b64)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (out / "dogflow" / "previews" / "000001.png").read_bytes() == png
+    logs = list((out / "dogflow" / "logs").glob("*-local.log"))
+    assert logs and "dog-filter summary: 3 processed" in logs[0].read_text()
+
+
+def _cli_proc(*args, env=None):
+    exe = Path(sys.executable).parent / "dogflow"
+    e = dict(os.environ)
+    e.pop("PREFECT_API_URL", None)
+    e.update(env or {})
+    return subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=e, start_new_session=True)
+
+
+def _slow_profile(tmp_path):
+    p = tmp_path / "one.yaml"
+    p.write_text(yaml.safe_dump({"cluster_type": "local", "n_workers": 1, "threads_per_worker": 1, "processes": True}))
+    return p
+
+
+def test_flow_process_killed_then_rerun_keeps_finished_positions(tmp_path):
+    arr = _volume_dataset(tmp_path / "in.zarr", positions=8, shape=(48, 256, 256))
+    out = tmp_path / "out.zarr"
+    args = ["run", tmp_path / "in.zarr", out, "--sigma-small", "1,2,2", "--sigma-large", "2,5,5",
+            "--cluster", _slow_profile(tmp_path), "--no-progress"]
+    proc = _cli_proc(*args)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((out / "dogflow" / "positions").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow process, its Dask workers and its temporary API: all gone
+    proc.wait()
+    done = {int(f.stem): store.read_marker(out, int(f.stem))["finished"] for f in (out / "dogflow" / "positions").glob("*.json")}
+    assert 2 <= len(done) < 8, done
+    assert (out / "dogflow" / "run.lock").exists()  # left behind by the dead run: stale, not a blocker
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{8 - len(done)} position(s) filtered, {len(done)} already complete" in res.stdout
+    for p, finished in done.items():
+        assert store.read_marker(out, p)["finished"] == finished  # not recomputed
+    result = zarr.open_array(str(out / "0"), mode="r")
+    for p in range(8):
+        assert_exact(result[p], arr[p, 0], SS, SL)
+
+
+def test_second_run_on_same_output_is_refused_at_once(prefect_api, tmp_path):
+    arr = _volume_dataset(tmp_path / "in.zarr", positions=6)
+    out = tmp_path / "out.zarr"
+    args = ["run", tmp_path / "in.zarr", out, "--sigma-small", "1,2,2", "--sigma-large", "2,5,5",
+            "--cluster", _slow_profile(tmp_path), "--no-progress"]
+    first = _cli_proc(*args)
+    lock = out / "dogflow" / "run.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not lock.exists():
+        time.sleep(0.05)
+    assert lock.exists()
+    second = run_cli(*args)
+    assert second.returncode == 2
+    assert second.stderr.strip().startswith("dogflow: error: another dogflow run is writing to this output")
+    # the flow itself (e.g. a deployment run) refuses too
+    state = _flow(tmp_path / "in.zarr", out)
+    assert state.is_failed() and "another dogflow run" in str(state.result(raise_on_failure=False))
+    assert first.wait(300) == 0, first.stdout.read()[-2000:]
+    assert not lock.exists()
+    result = zarr.open_array(str(out / "0"), mode="r")
+    for p in range(6):
+        assert_exact(result[p], arr[p, 0], SS, SL)
+
+
+def test_status_on_partially_complete_store(prefect_api, sample, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _flow(sample, out, channel=1, positions="0-1").is_completed()
+    src = zarr.open_array(str(sample), mode="r+")
+    time.sleep(0.01)
+    src[1, 1, 0, 0, 0] = 12345  # position 1's input changes after it was filtered
+    res = run_cli("status", out)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    row = {int(l.split()[0]): l for l in lines if re.match(r"^\s*\d+\s+(complete|missing|stale)", l) and "(of " not in l}
+    assert "complete" in row[0] and "σ [1.0, 2.0, 2.0] / [2.0, 5.0, 5.0]" in row[0]
+    assert "stale (input changed)" in row[1]
+    assert row[2].split()[1] == "missing"
+    assert "1 complete, 1 missing, 1 stale (of 3)" in res.stdout
+    assert f"sigma_large: {SL}" in res.stdout

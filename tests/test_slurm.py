@@ -1,0 +1,327 @@
+"""dogflow on the live single-node SLURM of ``infra/slurm/slurm.sh``.
+
+Every test submits real jobs: worker jobs of dask-jobqueue's ``SLURMCluster`` (fixed and
+adaptive, TLS on), and a whole run in runner mode (``infra/slurm/dogflow-runner.sbatch``,
+``sbatch --wait``). Accounting is off on this SLURM (no ``sacct``), so a background thread
+polls ``squeue`` during each run and the job ids it saw are compared with the
+``slurm_job_id`` the workers wrote into the position markers.
+
+Skipped (with the reason) when SLURM is not running; ``DOGFLOW_REQUIRE_SERVICES=1`` turns
+that skip into a failure. Start it with ``bash infra/slurm/slurm.sh start``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from flows import clusters
+from flows.sample import make_sample
+from tasks.store import read_marker
+
+from conftest import ROOT, assert_exact, run_cli
+
+pytestmark = [
+    pytest.mark.slurm,
+    # slurm-test.yaml has a walltime and a fixed n_workers on purpose (short runs, scancel test).
+    pytest.mark.filterwarnings("ignore:.*n_workers is fixed:UserWarning"),
+]
+
+PROFILES = Path(__file__).resolve().parent / "profiles"
+FIXED = PROFILES / "slurm-test.yaml"          # n_workers: 2, job name dogflow-worker
+ADAPTIVE = PROFILES / "slurm-adaptive.yaml"   # min_workers 0, max_workers 2, job name dogflow-adapt
+BAD_KEY = PROFILES / "slurm-bad-key.yaml"     # unknown key `partition`
+SIGMA_SMALL, SIGMA_LARGE = [1.0, 1.0, 1.0], [3.0, 3.0, 3.0]
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _slurm_unavailable() -> str | None:
+    """Why the live SLURM cannot run jobs, or None if its node accepts jobs."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM client commands (sinfo, sbatch) are not installed"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if out.returncode != 0:
+        return f"sinfo failed (is slurmctld running?): {(out.stderr or out.stdout).strip().splitlines()[:1]}"
+    states = {s.strip().rstrip("*~#$@+").lower() for s in out.stdout.split()}
+    if not states & {"idle", "mixed", "allocated", "completing"}:
+        return f"no SLURM node accepts jobs (node states: {sorted(states) or 'none'})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def live_slurm():
+    why = _slurm_unavailable()
+    if why:
+        msg = f"live SLURM needed: {why}; start it with `bash infra/slurm/slurm.sh start`"
+        if os.environ.get("DOGFLOW_REQUIRE_SERVICES") == "1":
+            pytest.fail(msg + " (DOGFLOW_REQUIRE_SERVICES=1)", pytrace=False)
+        pytest.skip(msg)
+
+
+class QueueWatch:
+    """Polls ``squeue`` in a thread; records every snapshot (jobs of the given names only)."""
+
+    def __init__(self, *names: str, interval: float = 0.3):
+        self.names = set(names)
+        self.interval = interval
+        self.snapshots: list[tuple[float, dict[str, tuple[str, str]]]] = []  # (time, {id: (name, state)})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def poll(self) -> dict[str, tuple[str, str]]:
+        out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T"], capture_output=True, text=True, timeout=15).stdout
+        jobs = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[1] in self.names:
+                jobs[parts[0]] = (parts[1], parts[2])
+        return jobs
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                self.snapshots.append((time.monotonic(), self.poll()))
+            except Exception:  # a slow squeue must not kill the watcher
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=20)
+        # Never leave jobs behind (only the ones this watcher saw: other users' jobs are theirs).
+        left = sorted(self.poll())
+        if left:
+            subprocess.run(["scancel", *left], capture_output=True, timeout=30)
+
+    @property
+    def seen(self) -> set[str]:
+        return {j for _, jobs in self.snapshots for j in jobs}
+
+    @property
+    def max_concurrent(self) -> int:
+        return max((len(jobs) for _, jobs in self.snapshots), default=0)
+
+    def wait_empty(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        jobs = self.poll()
+        while jobs and time.monotonic() < deadline:
+            time.sleep(0.5)
+            jobs = self.poll()
+        return jobs
+
+
+def _cli_run(inp, out, profile, *extra, env=None, timeout=200):
+    return run_cli("run", inp, out, "--channel", 1, "--sigma-small", "1", "--sigma-large", "3",
+                   "--cluster", profile, "--no-progress", "--retry-delay", "0", *extra, env=env, timeout=timeout)
+
+
+def _assert_output_exact(inp, out, channel=1, sigma_small=SIGMA_SMALL, sigma_large=SIGMA_LARGE):
+    src = zarr.open_array(str(inp), mode="r")
+    res = zarr.open_array(str(Path(out) / "0"), mode="r")
+    assert res.shape == (src.shape[0], *src.shape[2:])
+    for p in range(src.shape[0]):
+        assert read_marker(str(out), p) is not None, f"position {p} has no completion marker"
+        assert_exact(np.asarray(res[p]), np.asarray(src[p, channel]), sigma_small, sigma_large)
+
+
+def _marker_jobs(out, positions: int) -> list[str | None]:
+    return [read_marker(str(out), p).get("slurm_job_id") for p in range(positions)]
+
+
+def _log_dir(profile: Path) -> Path:
+    return Path(clusters.load_profile(str(profile)).kwargs["log_directory"])
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "in.zarr"
+    make_sample(path, positions=4, channels=2, shape=(8, 48, 48), blobs=6, seed=3)
+    return path
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(240)
+def test_run_on_slurm_worker_jobs_with_tls(small, tmp_path):
+    out = tmp_path / "out.zarr"
+    with QueueWatch("dogflow-worker") as watch:
+        before = set(watch.poll())
+        r = _cli_run(small, out, FIXED)
+        after = watch.wait_empty(30)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 position(s) filtered" in r.stdout
+    _assert_output_exact(small, out)
+
+    # The positions ran in SLURM jobs of the profile's worker job name that this run submitted.
+    jobs = _marker_jobs(out, 4)
+    assert all(jobs), f"markers without slurm_job_id: {jobs}"
+    ran_in = set(jobs)
+    assert ran_in <= watch.seen - before, f"markers name jobs {ran_in}, squeue showed {watch.seen - before}"
+    assert 1 <= watch.max_concurrent <= 2
+    assert all(read_marker(str(out), p)["host"] for p in range(4))
+    # ... and are gone once the run is over.
+    assert not after, f"worker jobs left in the queue after the run: {after}"
+
+    # TLS: each worker job registered to a tls:// scheduler.
+    logs = _log_dir(FIXED)
+    for job in ran_in:
+        err = (logs / f"dogflow-worker-{job}.err").read_text()
+        assert re.search(r"Registered to:\s+tls://", err), f"job {job} did not register over TLS:\n{err[-2000:]}"
+        assert "tcp://" not in "\n".join(line for line in err.splitlines() if "Registered to" in line)
+
+
+@pytest.mark.timeout(240)
+def test_adaptive_scales_jobs_0_to_2_to_0(tmp_path):
+    inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    make_sample(inp, positions=8, channels=2, shape=(8, 48, 48), blobs=6, seed=4)
+    with QueueWatch("dogflow-adapt") as watch:
+        assert watch.poll() == {}, "dogflow-adapt jobs already queued before the run"
+        time.sleep(0.5)
+        r = _cli_run(inp, out, ADAPTIVE)
+        after = watch.wait_empty(30)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_output_exact(inp, out)
+    counts = [len(jobs) for _, jobs in watch.snapshots]
+    assert counts and counts[0] == 0, f"expected 0 jobs at start, squeue counts {counts[:5]}"
+    assert watch.max_concurrent == 2, f"adaptive max_workers 2 never reached: counts {counts}"
+    assert not after, f"jobs still queued after the run: {after}"
+    assert set(_marker_jobs(out, 8)) <= watch.seen
+
+
+@pytest.mark.timeout(120)
+def test_tls_scheduler_refuses_plain_tcp(tmp_path):
+    from distributed import Client
+
+    prof = clusters.load_profile(str(FIXED))
+    assert prof.kwargs["security"] is True
+    args = clusters.runner_arguments(prof)
+    kwargs = {**args["cluster_kwargs"], "n_workers": 1}
+    cls = clusters._import_class(args["cluster_class"])
+    clusters._prepare_directories(prof)
+    with QueueWatch("dogflow-worker") as watch:
+        with cls(**kwargs) as cluster:
+            addr = cluster.scheduler_address
+            assert addr.startswith("tls://127.0.0.1:"), addr
+            script = cluster.job_script()
+            assert "--protocol tls://" in script and "--tls-ca-file" in script and "--tls-key" in script, script
+            plain = addr.replace("tls://", "tcp://", 1)
+            with pytest.raises((OSError, TimeoutError)):
+                Client(plain, timeout=5)
+            with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+                Client(addr, timeout=5)  # TLS address but no certificates
+            with Client(cluster, security=cluster.security, timeout=30) as client:
+                client.wait_for_workers(1, timeout=120)
+                workers = client.scheduler_info()["workers"]
+                assert all(w.startswith("tls://") for w in workers), workers
+                assert client.submit(lambda x: x + 1, 41).result(timeout=60) == 42
+                job_id = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
+                assert set(job_id.values()) <= watch.seen
+        assert not watch.wait_empty(30)
+
+
+@pytest.mark.timeout(240)
+def test_runner_mode_sbatch(small, tmp_path):
+    out = tmp_path / "out.zarr"
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
+    env.update(DOGFLOW_INPUT=str(small), DOGFLOW_OUTPUT=str(out), DOGFLOW_HOME=str(ROOT), DOGFLOW_LOG_DIR=str(tmp_path))
+    r = subprocess.run(
+        ["sbatch", "--wait", "--ntasks=4", "--time=00:05:00", f"--output={tmp_path}/runner-%j.out",
+         str(ROOT / "infra" / "slurm" / "dogflow-runner.sbatch"),
+         "--channel", "1", "--sigma-small", "1", "--sigma-large", "3", "--retry-delay", "0"],
+        capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path,
+    )
+    m = re.search(r"Submitted batch job (\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    job = m.group(1)
+    log = tmp_path / f"dogflow-runner-{job}.log"
+    assert log.is_file(), f"no per-job log; job stdout:\n{next(tmp_path.glob('runner-*.out'), None)}"
+    text = log.read_text()
+    assert r.returncode == 0, f"sbatch --wait exit {r.returncode}\n{r.stderr}\n{text[-4000:]}"
+    assert "4 position(s) filtered" in text, text[-4000:]
+    assert "Connecting to an existing Dask cluster" in text
+    assert f"dogflow runner job {job}: 4 ranks" in (tmp_path / f"runner-{job}.out").read_text()
+    _assert_output_exact(small, out)
+    assert set(_marker_jobs(out, 4)) == {job}  # every position ran in a worker rank of this allocation
+    sched = Path(clusters.runner_scheduler_file(clusters.load_profile("slurm-runner")).replace("nojob", job))
+    assert not sched.exists(), f"scheduler file {sched} left behind"
+
+
+@pytest.mark.timeout(240)
+def test_scancel_one_worker_mid_run(tmp_path):
+    inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    P = 8
+    make_sample(inp, positions=P, channels=1, shape=(16, 96, 96), blobs=10, seed=5)
+    killed: dict = {}
+    done = threading.Event()
+
+    def killer():
+        # As soon as the first position is complete, cancel the job that filtered it (it is busy with the next).
+        while not done.is_set():
+            for p in range(P):
+                marker = read_marker(str(out), p) if (out / "dogflow").exists() else None
+                if marker and marker.get("slurm_job_id"):
+                    killed["job"] = marker["slurm_job_id"]
+                    killed["markers"] = sum(read_marker(str(out), q) is not None for q in range(P))
+                    subprocess.run(["scancel", killed["job"]], capture_output=True, timeout=30)
+                    return
+            time.sleep(0.05)
+
+    with QueueWatch("dogflow-worker", interval=0.2) as watch:
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        try:
+            r = run_cli("run", inp, out, "--channel", 0, "--sigma-small", "2", "--sigma-large", "6",
+                        "--cluster", FIXED, "--no-progress", "--retry-delay", "0", timeout=200)
+        finally:
+            done.set()
+            t.join(timeout=30)
+        after = watch.wait_empty(30)
+    assert killed, "no position completed, nothing was cancelled"
+    assert killed["markers"] < P, f"cancelled too late: {killed['markers']} of {P} positions were already complete"
+    assert r.returncode == 0, f"{killed}\n{r.stderr[-4000:]}"
+    assert f"{P} position(s) filtered" in r.stdout
+    _assert_output_exact(inp, out, channel=0, sigma_small=[2.0] * 3, sigma_large=[6.0] * 3)
+    # The cancelled job left the queue while the run went on; every position was filtered in a job of this run.
+    last_seen = max(ts for ts, jobs in watch.snapshots if killed["job"] in jobs)
+    assert any(ts > last_seen for ts, jobs in watch.snapshots if jobs), "the run ended with the cancelled job"
+    assert set(_marker_jobs(out, P)) <= watch.seen
+    assert len(set(_marker_jobs(out, P)) - {killed["job"]}) >= 1
+    assert not after
+
+
+@pytest.mark.timeout(120)
+def test_unknown_profile_key_refused_before_submission(small, tmp_path):
+    out = tmp_path / "out.zarr"
+    logs = Path("/tmp/dogflow-slurm-test/logs-bad")
+    shutil.rmtree(logs, ignore_errors=True)
+    with QueueWatch("dogflow-badkey", interval=0.1) as watch:
+        r = _cli_run(small, out, BAD_KEY, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "unknown key(s) partition" in lines[0] and "valid keys:" in lines[0]
+    assert "queue" in lines[0] and "walltime" in lines[0]
+    assert not watch.seen, f"jobs submitted for a refused profile: {watch.seen}"
+    assert not logs.exists() and not out.exists(), "the refused run created folders"
