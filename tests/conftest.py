@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,31 @@ def sample(tmp_path):
     path = tmp_path / "in.zarr"
     make_sample(path, positions=3, channels=2, shape=(12, 40, 36), chunks=(5, 16, 16), blobs=12, seed=1)
     return path
+
+
+def wait_for_task_run_state(task_run_name, state_names, timeout=120.0) -> bool:
+    """Poll the Prefect API until a task run of that name is in one of ``state_names``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    flt = TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name]))
+    with get_client(sync_client=True) as client:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(r.state and r.state.name in state_names for r in client.read_task_runs(task_run_filter=flt)):
+                return True
+            time.sleep(0.2)
+    return False
+
+
+def run_in_thread(fn):
+    """Start ``fn()`` in a thread; returns (thread, result dict filled with 'value')."""
+    import threading
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("value", fn()))
+    t.start()
+    return t, result
 
 
 def run_cli(*args, env=None, timeout=240):

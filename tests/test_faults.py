@@ -18,7 +18,7 @@ import pytest
 import yaml
 import zarr
 
-from conftest import ROOT, assert_exact, run_cli
+from conftest import assert_exact, run_cli, run_in_thread, wait_for_task_run_state
 from tasks import store
 
 SS, SL = [1.0, 2.0, 2.0], [2.0, 5.0, 5.0]
@@ -115,7 +115,7 @@ def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_p
 
 def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, cluster, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     client, profile = cluster
     arr = _volume_dataset(tmp_path / "in.zarr")
@@ -169,9 +169,6 @@ def test_corrupt_and_missing_chunks_are_named_and_repaired(prefect_api, tmp_path
 
 def test_failed_disk_write_is_not_marked_and_retry_rewrites(prefect_api, tmp_path):
     """A real write failure inside the output store: a file where position 1's chunk folder must go."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
     from flows.sample import make_sample
 
     inp = tmp_path / "in.zarr"
@@ -181,22 +178,14 @@ def test_failed_disk_write_is_not_marked_and_retry_rewrites(prefect_api, tmp_pat
     blocker = out / "0" / "c" / "1"
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a directory")
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault(
-        "state", _flow(inp, out, positions="1", sigma_small=1.0, sigma_large=2.0, retries=2, retry_delay_seconds=5)))
-    t.start()
-    seen = False
-    with get_client(sync_client=True) as pc:
-        deadline = time.time() + 120
-        while time.time() < deadline and not seen:
-            runs = pc.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-1"])))
-            seen = any(r.state and r.state.name == "AwaitingRetry" for r in runs)
-            time.sleep(0.2)
+    t, result = run_in_thread(
+        lambda: _flow(inp, out, positions="1", sigma_small=1.0, sigma_large=2.0, retries=2, retry_delay_seconds=5))
+    seen = wait_for_task_run_state("position-1", ("AwaitingRetry",))
     assert seen, "the failed write should put the task in AwaitingRetry"
     assert store.read_marker(out, 1) is None, "a position whose write failed must not be marked complete"
     blocker.unlink()
     t.join(120)
-    assert result["state"].is_completed(), result["state"]
+    assert result["value"].is_completed(), result["value"]
     assert store.read_marker(out, 1) is not None
     assert_exact(zarr.open_array(str(out / "0"), mode="r")[1], arr[1, 0], 1.0, 2.0)
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
-from conftest import assert_exact, reference_dog
+from conftest import assert_exact, reference_dog, run_in_thread, wait_for_task_run_state
 from tasks import store
 
 SS, SL = [1.0, 1.5, 1.5], [2.0, 4.0, 3.0]
@@ -123,28 +119,16 @@ def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_
 
 def test_task_failing_once_is_retried(prefect_api, sample, tmp_path):
     """A real transient fault: the chunk is corrupt on the first attempt and repaired during the retry delay."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
     out = tmp_path / "out.zarr"
     chunk = _chunk_file(sample, 2)
     good = chunk.read_bytes()
     chunk.write_bytes(b"broken")
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("state", _run(sample, out, positions=[2], retries=2,
-                                                                          retry_delay_seconds=6)))
-    t.start()
-    seen_retry = False
-    with get_client(sync_client=True) as client:
-        deadline = time.time() + 120
-        while time.time() < deadline and not seen_retry:
-            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-2"])))
-            seen_retry = any(r.state and r.state.name in ("AwaitingRetry", "Retrying") for r in runs)
-            time.sleep(0.3)
+    t, result = run_in_thread(lambda: _run(sample, out, positions=[2], retries=2, retry_delay_seconds=6))
+    seen_retry = wait_for_task_run_state("position-2", ("AwaitingRetry", "Retrying"))
     chunk.write_bytes(good)
     t.join(180)
     assert seen_retry, "the first attempt should have failed and been scheduled for retry"
-    state = result["state"]
+    state = result["value"]
     assert state.is_completed(), state
     assert store.read_marker(out, 2) is not None
     assert_exact(zarr.open_array(str(out / "0"), mode="r")[2], zarr.open_array(str(sample), mode="r")[2, 1], SS, SL)

@@ -1,0 +1,300 @@
+"""prefect.yaml end to end: a real `prefect server start`, `deployments/deploy.sh`
+(`prefect --no-prompt deploy --all`), a real process worker (`infra/prefect/worker.sh`)
+and real flow runs started with `prefect deployment run`.
+
+One server + worker serve the whole module; the auth test starts a second server.
+Service logs, site/worker env files and CLI transcripts are under the module's tmp dir
+(printed on failure).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import zarr
+
+from conftest import assert_exact
+from flows.sample import make_sample, sample_volume
+from prefect_services import (
+    POOL,
+    PrefectServer,
+    Worker,
+    completed_positions,
+    deploy,
+    flow_run_logs,
+    flow_run_state,
+    processed_count,
+    run_deployment,
+    summary_markdown,
+    wait_flow_run,
+)
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
+
+SHAPE = (8, 32, 32)
+CHUNKS = (4, 16, 16)
+SS, SL = 1.0, 2.5
+CHANNEL = 1
+# A lean LocalCluster (one in-process worker, 2 threads): the flow runs here test the
+# deployments, not Dask; the default "local" profile runs in tests/test_ui.py.
+LEAN_PROFILE = """\
+cluster_type: local
+n_workers: 1
+threads_per_worker: 2
+processes: false
+memory_limit: 4GiB
+dashboard_address: ":0"
+"""
+
+
+def _sample(path: Path, positions: int, seed: int) -> Path:
+    make_sample(path, positions=positions, channels=2, shape=SHAPE, chunks=CHUNKS, blobs=6, seed=seed)
+    return path
+
+
+def _assert_output_exact(inp: Path, out: Path, ss=SS, sl=SL, channel=CHANNEL) -> None:
+    src = zarr.open_array(str(inp), mode="r")
+    res = zarr.open_array(str(out / "0"), mode="r")
+    assert res.shape[0] == src.shape[0], (res.shape, src.shape)
+    for p in range(src.shape[0]):
+        assert_exact(res[p], src[p, channel], ss, sl)
+
+
+def _marker_mtimes(out: Path) -> dict[int, int]:
+    return {int(f.stem): f.stat().st_mtime_ns for f in sorted((out / "dogflow" / "positions").glob("*.json"))}
+
+
+class Site:
+    """The module's services and datasets."""
+
+    def __init__(self, workdir: Path, server: PrefectServer, worker: Worker):
+        self.workdir = workdir
+        self.server = server
+        self.worker = worker
+        self.cli_log = workdir / "cli.log"
+        self.nightly_in = workdir / "nightly-in.zarr"
+        self.nightly_out = workdir / "nightly-out.ome.zarr"
+
+    def run(self, name, params=None, watch=True, timeout=300):
+        return run_deployment(self.server, name, params, watch=watch, timeout=timeout, log=self.cli_log)
+
+    def debug(self, flow_run_id: str | None = None) -> str:
+        parts = [f"service logs under {self.workdir}"]
+        if flow_run_id:
+            parts.append(f"flow run logs:\n{flow_run_logs(self.server, flow_run_id)}")
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("deployments")
+    server = PrefectServer(workdir).start()
+    worker = None
+    try:
+        s = Site(workdir, server, None)  # type: ignore[arg-type]
+        _sample(s.nightly_in, positions=3, seed=11)
+        profile = workdir / "lean-cluster.yaml"
+        profile.write_text(LEAN_PROFILE)
+        deploy(server, {
+            "DOGFLOW_INPUT_PATH": str(s.nightly_in),
+            "DOGFLOW_OUTPUT_PATH": str(s.nightly_out),
+            "DOGFLOW_CLUSTER": str(profile),
+            "DOGFLOW_CHANNEL": CHANNEL,
+            "DOGFLOW_SIGMA_SMALL": SS,
+            "DOGFLOW_SIGMA_LARGE": SL,
+            "DOGFLOW_TIMEZONE": "Europe/Berlin",
+        }, log=workdir / "deploy.log")
+        worker = Worker(server).start()
+        s.worker = worker
+        yield s
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+
+
+def test_deploy_all_creates_both_deployments(site):
+    with site.server.client() as c:
+        pool = c.read_work_pool(POOL)
+        nightly = c.read_deployment_by_name("dog-filter/nightly")
+        on_demand = c.read_deployment_by_name("dog-filter/on-demand")
+        variables = {v.name: v.value for v in c.read_variables()}
+    assert pool.type == "process"
+    for d in (nightly, on_demand):
+        assert d.work_pool_name == POOL
+        assert d.entrypoint == "flows/dog_filter.py:dog_filter"
+        assert d.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DOGFLOW_HOME }}"}}
+        ]
+    # per-site values came from the site env file, through Prefect variables
+    assert variables["dogflow_input_path"] == str(site.nightly_in)
+    assert nightly.parameters["input_path"] == str(site.nightly_in)
+    assert nightly.parameters["output_path"] == str(site.nightly_out)
+    assert nightly.parameters["sigma_small"] == SS and nightly.parameters["sigma_large"] == SL
+    assert nightly.parameters["channel"] == CHANNEL and nightly.parameters["cluster"].endswith("lean-cluster.yaml")
+    assert "input_path" not in on_demand.parameters and on_demand.parameters["sigma_small"] == SS
+    assert on_demand.schedules == []
+    assert nightly.concurrency_options is not None
+    assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+
+
+def test_nightly_schedule_and_scheduled_runs(site):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with site.server.client() as c:
+        nightly = c.read_deployment_by_name("dog-filter/nightly")
+        [sched] = nightly.schedules
+        assert sched.active
+        assert sched.schedule.cron == "0 2 * * *"
+        assert sched.schedule.timezone == "Europe/Berlin"
+        runs = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = c.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+                ),
+            )
+            if runs:
+                break
+            time.sleep(1)
+    assert runs, "the server scheduled no runs of dog-filter/nightly"
+    from zoneinfo import ZoneInfo
+
+    for fr in runs:
+        local = fr.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
+        assert (local.hour, local.minute) == (2, 0), local
+
+
+def test_on_demand_run_is_exact(site):
+    inp = _sample(site.workdir / "adhoc-in.zarr", positions=2, seed=5)
+    out = site.workdir / "adhoc-out.ome.zarr"
+    params = {"input_path": str(inp), "output_path": str(out), "channel": 0, "sigma_small": 1.2,
+              "sigma_large": [1.5, 3.0, 3.0], "positions": "0-1"}
+    fr_id, res = site.run("dog-filter/on-demand", params)
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout + res.stderr + site.debug(fr_id)
+    assert flow_run_state(site.server, fr_id).is_completed()
+    _assert_output_exact(inp, out, 1.2, [1.5, 3.0, 3.0], channel=0)
+    assert processed_count(summary_markdown(site.server, fr_id)) == 2
+
+
+@pytest.fixture(scope="module")
+def nightly_first(site):
+    """Two nightly runs triggered at once (deployment defaults = the site's variables): they must not overlap."""
+    a, res_a = site.run("dog-filter/nightly", watch=False)
+    b, res_b = site.run("dog-filter/nightly", watch=False)
+    fa, fb = wait_flow_run(site.server, a), wait_flow_run(site.server, b)
+    return {a: fa, b: fb}
+
+
+def test_nightly_runs_never_overlap(site, nightly_first):
+    states = sorted(fr.state.type.value for fr in nightly_first.values())
+    assert states == ["CANCELLED", "COMPLETED"], (states, site.debug())
+    [done] = [i for i, fr in nightly_first.items() if fr.state.is_completed()]
+    assert processed_count(summary_markdown(site.server, done)) == 3
+    _assert_output_exact(site.nightly_in, site.nightly_out)
+
+
+def test_nightly_rerun_on_unchanged_input_processes_nothing(site, nightly_first):
+    before = _marker_mtimes(site.nightly_out)
+    fr_id, res = site.run("dog-filter/nightly", {"input_path": str(site.nightly_in)})
+    assert res.returncode == 0, res.stdout + res.stderr + site.debug(fr_id)
+    md = summary_markdown(site.server, fr_id)
+    assert "processed: **0**" in md, md
+    assert _marker_mtimes(site.nightly_out) == before
+
+
+def test_nightly_recomputes_only_the_changed_position(site, nightly_first):
+    src = zarr.open_array(str(site.nightly_in), mode="r+")
+    src[1, CHANNEL] = sample_volume(SHAPE, 6, np.random.default_rng(99))
+    before = _marker_mtimes(site.nightly_out)
+    fr_id, res = site.run("dog-filter/nightly", {"input_path": str(site.nightly_in)})
+    assert res.returncode == 0, res.stdout + res.stderr + site.debug(fr_id)
+    md = summary_markdown(site.server, fr_id)
+    assert processed_count(md) == 1 and completed_positions(md) == [1], md
+    after = _marker_mtimes(site.nightly_out)
+    assert [p for p in after if after[p] != before.get(p)] == [1]
+    _assert_output_exact(site.nightly_in, site.nightly_out)
+
+
+def test_nightly_adds_an_appended_position(site, nightly_first):
+    src = zarr.open_array(str(site.nightly_in), mode="r+")
+    n = src.shape[0]
+    src.resize((n + 1, *src.shape[1:]))
+    rng = np.random.default_rng(123)
+    for c in range(src.shape[1]):
+        src[n, c] = sample_volume(SHAPE, 6, rng)
+    fr_id, res = site.run("dog-filter/nightly", {"input_path": str(site.nightly_in)})
+    assert res.returncode == 0, res.stdout + res.stderr + site.debug(fr_id)
+    md = summary_markdown(site.server, fr_id)
+    assert processed_count(md) == 1 and completed_positions(md) == [n], md
+    assert sorted(_marker_mtimes(site.nightly_out)) == list(range(n + 1))
+    _assert_output_exact(site.nightly_in, site.nightly_out)
+
+
+def test_nightly_other_sigma_is_refused_unless_overwrite(site, nightly_first):
+    before = _marker_mtimes(site.nightly_out)
+    fr_id, res = site.run("dog-filter/nightly", {"sigma_small": 1.5})
+    assert res.returncode != 0, res.stdout
+    state = flow_run_state(site.server, fr_id)
+    assert state.is_failed(), state
+    logs = flow_run_logs(site.server, fr_id)
+    assert "other parameters" in (state.message or "") + logs, (state.message, logs)
+    assert _marker_mtimes(site.nightly_out) == before, "a refused run must not touch the output"
+
+    fr_id, res = site.run("dog-filter/nightly", {"sigma_small": 1.5, "overwrite": True})
+    assert res.returncode == 0, res.stdout + res.stderr + site.debug(fr_id)
+    n = zarr.open_array(str(site.nightly_in), mode="r").shape[0]
+    md = summary_markdown(site.server, fr_id)
+    assert processed_count(md) == n and completed_positions(md) == list(range(n)), md
+    _assert_output_exact(site.nightly_in, site.nightly_out, ss=1.5)
+
+
+def test_auth_string_server(site, tmp_path):
+    """A server with PREFECT_SERVER_API_AUTH_STRING: deploy, worker and CLI work with
+    PREFECT_API_AUTH_STRING; a request without credentials is refused."""
+    site.worker.stop()  # the first server's worker is done; keep the CPU for this one
+    auth = "dogflow:s3cret-test"
+    server = PrefectServer(tmp_path / "auth", auth_string=auth).start()
+    worker = None
+    try:
+        inp = _sample(tmp_path / "auth-in.zarr", positions=1, seed=3)
+        out = tmp_path / "auth-out.ome.zarr"
+        profile = tmp_path / "lean-cluster.yaml"
+        profile.write_text(LEAN_PROFILE)
+        deploy(server, {"DOGFLOW_INPUT_PATH": str(inp), "DOGFLOW_OUTPUT_PATH": str(out), "DOGFLOW_CLUSTER": str(profile),
+                        "DOGFLOW_SIGMA_SMALL": SS, "DOGFLOW_SIGMA_LARGE": SL},
+               log=tmp_path / "auth" / "deploy.log")
+        # no credentials -> refused; with them -> fine
+        body = {"limit": 5}
+        r = httpx.post(f"{server.api_url}/deployments/filter", json=body, timeout=10)
+        assert r.status_code in (401, 403), (r.status_code, r.text)
+        r = httpx.post(f"{server.api_url}/flows/filter", json=body, timeout=10, auth=("dogflow", "wrong"))
+        assert r.status_code in (401, 403), (r.status_code, r.text)
+        r = httpx.post(f"{server.api_url}/deployments/filter", json=body, timeout=10, auth=tuple(auth.split(":", 1)))
+        assert r.status_code == 200 and {d["name"] for d in r.json()} == {"nightly", "on-demand"}, r.text
+        # the CLI without the auth string is refused too
+        env = server.client_env()
+        env.pop("PREFECT_API_AUTH_STRING")
+        res = server.cli("deployment", "ls", env=env, check=False)
+        assert res.returncode != 0, res.stdout
+
+        worker = Worker(server).start()
+        fr_id, res = run_deployment(server, "dog-filter/on-demand",
+                                    {"input_path": str(inp), "output_path": str(out), "channel": CHANNEL},
+                                    log=tmp_path / "auth" / "cli.log")
+        assert res.returncode == 0 and "Completed" in res.stdout, (
+            res.stdout + res.stderr + f"\nlogs under {tmp_path / 'auth'}")
+        _assert_output_exact(inp, out)
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
