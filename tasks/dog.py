@@ -22,24 +22,31 @@ a cost model, ``_Plan``):
   output ``i`` gets ``v[0] * (kernel mass left of the line)`` plus
   ``v[n-1] * (kernel mass right of the line)`` (prefix sums of the kernel).
   ``constant`` (cval 0) needs no correction: zero padding *is* the mode.
+* ``"gemm"``: the dense n x n line operator (scipy's ``correlate1d`` applied
+  to the identity, so any boundary mode is folded in exactly; axes <= 512)
+  applied to blocks of lines as one float64 matrix product (float32 GEMM
+  was measured to lose ~1.5e-6 max|v|, above tolerance).  Fastest on short
+  axes with large radii (e.g. z = 96 with r = 340).
 * ``"direct"``: ``scipy.ndimage.correlate1d`` with scipy's kernel, used for
-  small radii (cheaper than an FFT) and for the modes ``reflect``, ``mirror``
-  and ``wrap`` (exact by construction, but at scipy's per-voxel cost divided
-  by the thread count).
+  small radii (cheaper than an FFT), and for ``reflect``, ``mirror``, ``wrap``
+  on long axes (exact by construction, at scipy's per-voxel cost divided by
+  the thread count).
 
 Memory plan for a 3-D volume (``W`` = bytes of the result array, ``float32``
 unless ``precision="float64"``): the first blur is computed axis by axis in
 place in the result array; the second blur is computed in slabs along one
 axis (with a halo of its kernel radius read from the input), and subtracted
 into the result slab by slab.  Peak = input + result + one slab + bounded
-per-thread temporaries, see :func:`peak_memory_bytes` (<= 2.4 W + 4 MiB for
+per-thread temporaries, see :func:`peak_memory_bytes` (<= 2.4 W + 12 MiB for
 inputs whose itemsize is at most the working itemsize, e.g. uint16 or float32
 input with float32 precision).
 
 Threads: every call uses at most ``threads`` compute threads: a pool of
-``threads`` workers over disjoint blocks of lines, each calling ``scipy.fft``
-with ``workers=1`` (or ``correlate1d``, which is single-threaded); with
-``threads=1`` no pool is created.  Both numpy and scipy.fft release the GIL.
+``threads`` workers over disjoint ~1 MiB blocks of lines, each calling
+``scipy.fft`` with ``workers=1``, ``correlate1d`` (single-threaded) or a GEMM
+with numpy's OpenBLAS pinned to one thread for the duration of the call;
+with ``threads=1`` no pool is created.  numpy, scipy.fft and ndimage release
+the GIL.
 """
 from __future__ import annotations
 
@@ -66,11 +73,14 @@ _C_FFT = 0.55          # per M*log2(M), rfft + irfft of one line
 _C_FFT_LINE = 0.35     # per M, multiply/copy/correction overhead
 _C_GEMM = 0.046        # per multiply-add of a dense (outputs x window) float64 matrix product (OpenBLAS dgemm)
 _C_GEMM_LINE = 60.0    # per line (conversions)
-_GEMM_MAX_N = 1024     # largest axis for which the dense line operator is built (n*n matrix)
+_GEMM_MAX_N = 512      # largest axis for which the dense line operator is built (n*n float64, <= 2 MiB)
+
+_FORCE_METHOD = None   # testing hook: "fft", "gemm" or "direct" for every non-identity pass
 
 _MiB = 1 << 20
 _TEMP_MIN = 4 * _MiB
 _TEMP_MAX = 64 * _MiB
+_SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
 _TASK_MAX = 1 * _MiB   # per-task working set: ~L2-sized blocks measured fastest (0.5-1 MiB)
 
 
@@ -114,9 +124,10 @@ def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
     ``input bytes + result bytes (W) + one slab of the second blur + worker
     temporaries``, where the temporaries of all threads together are capped at
     ``clip(W / 16, 4 MiB, 64 MiB)`` and the slab at what keeps the total at
-    ``2.4 W`` (``in + 1.4 W`` for inputs wider than the working precision).
+    ``2.4 W`` (``in + 1.4 W`` for inputs wider than the working precision),
+    plus 8 MiB of runtime slack (thread stacks, FFT plans, allocator).
     For float32 precision and uint16/float32 input this is <= 2.4x the
-    float32 volume size + 4 MiB.  Holds for ``difference_of_gaussians`` and
+    float32 volume size + 12 MiB.  Holds for ``difference_of_gaussians`` and
     ``gaussian`` (which needs no slab), whatever the sigmas and threads, as
     long as one padded line (``~16 (n + r)`` bytes per thread) fits the
     temporaries budget.  Python/numpy bookkeeping is not included.
@@ -132,7 +143,7 @@ def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
         if ax_len > 0:
             k = _nslabs(ax_len, frac)
             slab = max(slab, (work // ax_len) * math.ceil(ax_len / k))
-    return int(in_bytes + work + slab + _temp_budget(work))
+    return int(in_bytes + work + slab + _temp_budget(work) + _SLACK)
 
 
 # --------------------------------------------------------------------------- validation
@@ -191,7 +202,7 @@ def _transfer(sigma: float, truncate: float, M: int, wdtype: str):
     r, k = _kernel(sigma, truncate)
     h = np.zeros(M, dtype=np.float64)
     np.add.at(h, np.arange(-r, r + 1) % M, k)   # circular placement (aliases add zero, see _fft_lines)
-    H = np.ascontiguousarray(sfft.rfft(h).real, dtype=wdtype)
+    H = np.ascontiguousarray(sfft.rfft(h, workers=1).real, dtype=wdtype)
     H.flags.writeable = False
     return H
 
@@ -269,7 +280,7 @@ class _BlasThreads:
 _BLAS = _BlasThreads()
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)
 def _matrix(sigma: float, truncate: float, n: int, mode: str, wdtype: str):
     """Dense n x n operator of the 1-D filter along a line, boundary mode folded in:
     column j is scipy's correlate1d of the unit impulse e_j (exact for every mode)."""
@@ -295,7 +306,8 @@ class _Plan:
         if self.r == 0:
             self.method = "identity"
         elif force is not None:
-            self.method = force if (force != "fft" or mode in _FFT_MODES) else "direct"
+            ok = {"direct": True, "fft": mode in _FFT_MODES, "gemm": _BLAS.available}[force]
+            self.method = force if ok else "direct"
         else:
             cands = ["direct"]
             if mode in _FFT_MODES:
@@ -318,6 +330,8 @@ class _Plan:
 
     def line_bytes(self, m, a, b):
         it = np.dtype(self.wdtype).itemsize
+        if self.method == "gemm":       # float64 operands and product
+            return 8 * (m + 2 * (b - a) + 2)
         if self.method == "fft":
             M = _fft_len(self.r, m, a, b)
             return it * (3 * M + m + 4)
@@ -388,7 +402,7 @@ def _filter_block(plan: _Plan, src, dst, axis, lo, a, b, combine, scratch=None):
     if xp is None:               # zero-padded line buffer; only [0, m) is ever written,
         xp = np.zeros(shp, dtype=wd)   # so the tail stays zero when it is reused
         if scratch is not None:
-            if len(scratch) >= 4:
+            if len(scratch) >= 2:
                 scratch.pop(next(iter(scratch)))
             scratch[key] = xp
     x = _take(xp, axis, slice(0, m))
@@ -417,9 +431,10 @@ def _filter_block(plan: _Plan, src, dst, axis, lo, a, b, combine, scratch=None):
 class _Runner:
     def __init__(self, threads, temp_budget):
         self.threads = threads
-        self.task_bytes = max(1, min(_TASK_MAX, temp_budget // threads))
+        # each worker holds at most one active block plus <= 2 cached padded buffers
+        self.task_bytes = max(1, min(_TASK_MAX, temp_budget // (3 * threads)))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dog") if threads > 1 else None
-        self.scratch = {}   # per worker thread: reusable zero-padded FFT buffers (<= 4 each)
+        self.scratch = {}   # per worker thread: reusable zero-padded FFT buffers (<= 2 each)
         _BLAS.__enter__()
 
     def close(self):
@@ -432,8 +447,6 @@ class _Runner:
 
     def run_pass(self, plan, src, dst, axis, lo=0, a=0, b=None, combine="set"):
         """Filter 3-D ``src`` along ``axis`` into ``dst`` (blocks of lines in parallel)."""
-        for d in self.scratch.values():   # buffers of the previous pass are not reused
-            d.clear()
         b = plan.n if b is None else b
         m = src.shape[axis]
         others = [ax for ax in range(src.ndim) if ax != axis]
@@ -483,7 +496,7 @@ def _plans(sig, truncate, shape3, ndim, mode, wd):
         if ax < pad:
             out.append(_Plan(1e-9, truncate, 1, mode, wd))  # identity (fake axis)
         else:
-            out.append(_Plan(s3[ax], truncate, shape3[ax], mode, wd))
+            out.append(_Plan(s3[ax], truncate, shape3[ax], mode, wd, force=_FORCE_METHOD))
     return out
 
 
@@ -603,15 +616,19 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
         Kernel radius ``int(truncate * sigma + 0.5)`` as in scipy.
     mode : {"nearest", "reflect", "mirror", "constant", "wrap"}
         scipy.ndimage boundary mode (``constant`` uses cval = 0).  ``nearest``
-        and ``constant`` run on the FFT path with exact analytic edge
-        handling; ``reflect``, ``mirror``, ``wrap`` run ``scipy.ndimage.
-        correlate1d`` per axis in the thread pool (exact, slower).
+        and ``constant`` may use the FFT path with exact analytic edge
+        handling; every mode may use the dense line operator (axes <= 512,
+        float64 GEMM, mode folded in exactly) or ``scipy.ndimage.correlate1d``
+        (exact; for ``reflect``/``mirror``/``wrap`` on long axes with large
+        radii this is scipy's speed divided by ``threads``).
     precision : {"float32", "float64"}
         Working and output precision.
     threads : int, optional
         Compute threads to use (default :func:`default_threads`).  The engine
         never runs more than ``threads`` compute threads: a pool of
-        ``threads`` workers, each calling scipy.fft with ``workers=1``.
+        ``threads`` workers (none if 1), each calling scipy.fft with
+        ``workers=1``; numpy's OpenBLAS is pinned to 1 thread while any
+        engine call runs (refcounted, restored afterwards).
     out : ndarray, optional
         Result buffer (dtype ``precision``, shape of ``volume``, not
         overlapping it).
@@ -626,7 +643,7 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     Notes
     -----
     Peak memory (input included) <= :func:`peak_memory_bytes`, i.e. at most
-    2.4x the float32 volume size + 4 MiB for uint16/float32 input with
+    2.4x the float32 volume size + 12 MiB for uint16/float32 input with
     float32 precision (in + out + one slab + temporaries capped at
     ``clip(W/16, 4 MiB, 64 MiB)``).
     """

@@ -1,0 +1,334 @@
+"""Exactness, threading, validation and memory tests for tasks.dog (no timing assertions)."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from tasks import dog
+
+SEED_SMALL, SEED_LARGE = 50 / 2.35, 200 / 2.35
+
+
+def ref_gauss(v, sigma, mode, truncate=4.0):
+    return ndi.gaussian_filter(np.asarray(v, dtype=np.float64), sigma, mode=mode, truncate=truncate)
+
+
+def ref_dog(v, s1, s2, mode="nearest", truncate=4.0):
+    return ref_gauss(v, s1, mode, truncate) - ref_gauss(v, s2, mode, truncate)
+
+
+def tol32(v):
+    return 1e-3 + 1e-6 * float(np.max(np.abs(v))) if np.size(v) else 1e-3
+
+
+def tol64(v):
+    return 1e-10 * max(1.0, float(np.max(np.abs(v))))
+
+
+@contextlib.contextmanager
+def patched(**attrs):
+    """Temporarily set module attributes of tasks.dog (hypothesis-safe, no fixtures)."""
+    old = {k: getattr(dog, k) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(dog, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(dog, k, v)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+sig_st = st.floats(min_value=0.2, max_value=7.0, allow_nan=False)
+shape_st = st.tuples(*[st.integers(1, 13)] * 3)
+
+
+@st.composite
+def cases(draw):
+    shape = draw(shape_st)
+    per_axis = draw(st.booleans())
+    s1 = tuple(draw(sig_st) for _ in range(3)) if per_axis else draw(sig_st)
+    s2 = tuple(draw(sig_st) for _ in range(3)) if draw(st.booleans()) else draw(sig_st)
+    return dict(
+        shape=shape, s1=s1, s2=s2,
+        mode=draw(st.sampled_from(dog.MODES)),
+        precision=draw(st.sampled_from(dog.PRECISIONS)),
+        dtype=draw(st.sampled_from(["uint16", "float32", "float64", "int16"])),
+        truncate=draw(st.sampled_from([4.0, 2.5, 1.0])),
+        method=draw(st.sampled_from([None, "fft", "gemm", "direct"])),
+        slab=draw(st.sampled_from([None, 0.3, 0.55])),
+        threads=draw(st.sampled_from([1, 2])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_volume(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    if dtype == "uint16":
+        return rng.integers(0, 65536, size=shape, dtype=np.uint16)
+    if dtype == "int16":
+        return rng.integers(-32768, 32768, size=shape, dtype=np.int16)
+    return (rng.standard_normal(shape) * 100).astype(dtype)
+
+
+def run_patched(c, fn):
+    attrs = {"_FORCE_METHOD": c["method"]}
+    if c["slab"] is not None:
+        frac = c["slab"]
+        attrs["_slab_fraction"] = lambda in_b, w_b: frac
+    with patched(**attrs):
+        return fn()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_dog_matches_scipy(c):
+    v = make_volume(c["shape"], c["dtype"], c["seed"])
+    got = run_patched(c, lambda: dog.difference_of_gaussians(
+        v, c["s1"], c["s2"], truncate=c["truncate"], mode=c["mode"], precision=c["precision"],
+        threads=c["threads"]))
+    want = ref_dog(v, c["s1"], c["s2"], c["mode"], c["truncate"])
+    assert got.dtype == np.dtype(c["precision"]) and got.shape == v.shape
+    tol = tol32(v) if c["precision"] == "float32" else tol64(v)
+    assert np.max(np.abs(got - want)) <= tol
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_gaussian_matches_scipy(c):
+    v = make_volume(c["shape"], c["dtype"], c["seed"])
+    got = run_patched(c, lambda: dog.gaussian(v, c["s1"], truncate=c["truncate"], mode=c["mode"],
+                                              precision=c["precision"], threads=c["threads"]))
+    want = ref_gauss(v, c["s1"], c["mode"], c["truncate"])
+    tol = tol32(v) if c["precision"] == "float32" else tol64(v)
+    assert np.max(np.abs(got - want)) <= tol
+
+
+@pytest.mark.parametrize("mode", dog.MODES)
+@pytest.mark.parametrize("method", [None, "fft", "gemm"])
+def test_seed_sigma_moderate_shape(mode, method):
+    """The production sigmas (radii 85 and 340 > every axis here), full uint16 range."""
+    v = make_volume((24, 70, 90), "uint16", 7)
+    with patched(_FORCE_METHOD=method):
+        got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=2)
+    assert np.max(np.abs(got - ref_dog(v, SEED_SMALL, SEED_LARGE, mode))) <= tol32(v)
+
+
+def test_seed_sigma_larger_than_radius_axes_slabbed():
+    """Axes longer than the small radius, with several slabs (halo windows in the interior)."""
+    v = make_volume((20, 200, 230), "uint16", 3)
+    with patched(_slab_fraction=lambda i, w: 0.3):
+        got = dog.difference_of_gaussians(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE), threads=2)
+    want = ref_dog(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE))
+    assert np.max(np.abs(got - want)) <= tol32(v)
+
+
+def test_float64_precision_seed():
+    v = make_volume((16, 60, 50), "float32", 11)
+    got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, precision="float64", threads=2)
+    want = ref_dog(v, SEED_SMALL, SEED_LARGE)
+    assert got.dtype == np.float64
+    assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(v))
+
+
+def test_anisotropic_and_order_not_checked():
+    v = make_volume((10, 40, 33), "float64", 5)
+    s1, s2 = (4.0, 1.0, 0.3), (0.5, 9.0, 2.0)
+    got = dog.difference_of_gaussians(v, s2, s1)   # "large" first: allowed, plain G(a) - G(b)
+    assert np.max(np.abs(got - ref_dog(v, s2, s1))) <= tol32(v)
+
+
+def test_other_ndims():
+    rng = np.random.default_rng(0)
+    for shape in [(50,), (30, 41), (3, 4, 5, 6)]:
+        v = rng.standard_normal(shape) * 10
+        for mode in ("nearest", "wrap"):
+            got = dog.difference_of_gaussians(v, 1.5, 4.0, mode=mode)
+            assert np.max(np.abs(got - ref_dog(v, 1.5, 4.0, mode))) <= tol32(v)
+
+
+def test_identity_radius_zero_and_out_buffer():
+    v = make_volume((5, 6, 7), "uint16", 1)
+    np.testing.assert_array_equal(dog.gaussian(v, 0.1), v.astype(np.float32))
+    out = np.full(v.shape, np.nan, dtype=np.float32)
+    res = dog.difference_of_gaussians(v, 0.1, 2.0, out=out)
+    assert res is out
+    assert np.max(np.abs(out - ref_dog(v, 0.1, 2.0))) <= tol32(v)
+
+
+def test_empty_volume():
+    assert dog.difference_of_gaussians(np.zeros((0, 4, 4), np.uint16), 1, 2).shape == (0, 4, 4)
+
+
+# ----------------------------------------------------------------------------- threads
+
+def test_threads_equal_results():
+    v = make_volume((30, 80, 90), "uint16", 2)
+    a = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=1)
+    b = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=2)
+    c = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=3)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol32(v) / 10)
+    np.testing.assert_allclose(a, c, rtol=0, atol=tol32(v) / 10)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("method", ["fft", "gemm", "direct"])
+def test_never_more_compute_threads_than_asked(monkeypatch, threads, method):
+    pools, fft_workers = [], []
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+    real_pool, real_block = dog.ThreadPoolExecutor, dog._filter_block
+
+    class Pool(real_pool):
+        def __init__(self, max_workers=None, **kw):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kw)
+
+    def block(*args, **kw):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            return real_block(*args, **kw)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    def wrap(f):
+        def g(*a, **kw):
+            fft_workers.append(kw.get("workers"))
+            return f(*a, **kw)
+        return g
+
+    blas = []
+
+    def blas_probe(*a, **kw):
+        if dog._BLAS.available:
+            blas.append(dog._BLAS.get())
+        return block(*a, **kw)
+
+    monkeypatch.setattr(dog, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(dog, "_filter_block", blas_probe)
+    monkeypatch.setattr(dog.sfft, "rfft", wrap(dog.sfft.rfft))
+    monkeypatch.setattr(dog.sfft, "irfft", wrap(dog.sfft.irfft))
+    monkeypatch.setattr(dog, "_FORCE_METHOD", method)
+    before = threading.active_count()
+    peak_threads = []
+    real_run = dog._Runner.run_pass
+
+    def run_pass(self, *a, **kw):
+        r = real_run(self, *a, **kw)
+        peak_threads.append(threading.active_count())
+        return r
+
+    monkeypatch.setattr(dog._Runner, "run_pass", run_pass)
+    v = make_volume((12, 40, 44), "uint16", 9)
+    got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads)
+    assert np.max(np.abs(got - ref_dog(v, SEED_SMALL, SEED_LARGE))) <= tol32(v)
+    assert all(p <= threads for p in pools)
+    assert (threads == 1) == (not pools)          # no pool at all for threads=1
+    assert state["max"] <= threads
+    assert all(w == 1 for w in fft_workers)
+    if method == "fft":
+        assert fft_workers
+    assert max(peak_threads) - before <= (threads if threads > 1 else 0)
+    assert all(b == 1 for b in blas)              # OpenBLAS pinned to 1 thread inside the pool
+
+
+def test_blas_threads_restored():
+    if not dog._BLAS.available:
+        pytest.skip("numpy BLAS is not a controllable OpenBLAS")
+    before = dog._BLAS.get()
+    dog.difference_of_gaussians(make_volume((6, 20, 20), "uint16", 0), 1, 30, threads=2)
+    assert dog._BLAS.get() == before
+
+
+def test_default_threads(monkeypatch):
+    import os
+    n = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("DOGFLOW_THREADS", raising=False)
+    assert dog.default_threads() == n
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert dog.default_threads() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1000")
+    monkeypatch.setenv("DOGFLOW_THREADS", "0")
+    assert dog.default_threads() == 1
+    monkeypatch.setenv("DOGFLOW_THREADS", "junk")
+    assert dog.default_threads() == n
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma_small=0), "sigma_small"),
+    (dict(sigma_small=-1), "sigma_small"),
+    (dict(sigma_large=float("inf")), "sigma_large"),
+    (dict(sigma_large=float("nan")), "sigma_large"),
+    (dict(sigma_small=(1, 2)), "one value per axis"),
+    (dict(sigma_small="abc"), "sigma_small"),
+    (dict(truncate=0), "truncate"),
+    (dict(truncate=-2), "truncate"),
+    (dict(mode="edge"), "mode"),
+    (dict(precision="float16"), "precision"),
+    (dict(threads=0), "threads"),
+    (dict(threads=1.5), "threads"),
+    (dict(out=np.zeros((4, 5, 6), np.float64)), "out"),
+    (dict(out=np.zeros((4, 5, 5), np.float32)), "out"),
+])
+def test_validation(kwargs, match):
+    args = dict(volume=np.zeros((4, 5, 6), np.uint16), sigma_small=1.0, sigma_large=2.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match) as ei:
+        dog.difference_of_gaussians(**args)
+    assert "\n" not in str(ei.value)
+
+
+def test_validation_volume_and_overlap():
+    with pytest.raises(ValueError, match="real numeric"):
+        dog.difference_of_gaussians(np.zeros((3, 3, 3), complex), 1, 2)
+    with pytest.raises(ValueError, match="dimension"):
+        dog.difference_of_gaussians(np.float32(3), 1, 2)
+    v = np.zeros((3, 4, 5), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        dog.difference_of_gaussians(v, 1, 2, out=v)
+    with pytest.raises(ValueError, match="sigma"):
+        dog.gaussian(v, 0)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_peak_memory_bytes_bound():
+    for shape in [(413, 2048, 2048), (413, 512, 512), (96, 320, 352), (8, 8, 8)]:
+        vol32 = int(np.prod(shape)) * 4
+        for dt in ("uint16", "float32"):
+            b = dog.peak_memory_bytes(shape, dt)
+            assert int(np.prod(shape)) * np.dtype(dt).itemsize + vol32 < b <= 2.4 * vol32 + 12 * 2**20
+    big = dog.peak_memory_bytes((413, 2048, 2048), "uint16")
+    assert big <= 2.5 * 413 * 2048 * 2048 * 4
+    assert dog.peak_memory_bytes((10, 10, 10), "float64", "float64") > dog.peak_memory_bytes((10, 10, 10), "float32")
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_measured_peak_below_bound(dtype):
+    shape = (40, 160, 176)
+    v = make_volume(shape, dtype, 4)
+    dog.difference_of_gaussians(v[:4, :20, :20], 2, 8, threads=2)   # warm caches outside the trace
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=2)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    bound = dog.peak_memory_bytes(shape, dtype)
+    assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
+    assert peak + v.nbytes <= 2.5 * out.size * 4 + 12 * 2**20
