@@ -148,3 +148,14 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
     st = run_cli("status", out)
     assert st.returncode == 0
     assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout
+
+
+def test_plan_prints_job_script_and_memory_without_submitting(sample):
+    res = runner.invoke(app, ["plan", str(sample), "--cluster", "slurm", "--positions", "0-1"])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "positions: 2" in out and "memory per task:" in out and "45.00 GiB available" in out
+    assert "workers: 16 (adaptive 0-16), jobs: up to 16" in out
+    assert "#SBATCH -p compute" in out and "distributed.cli.dask_worker" in out
+    res = runner.invoke(app, ["plan", str(sample), "--cluster", "nosuch"])
+    assert res.exit_code == 2 and "unknown cluster profile" in res.stderr

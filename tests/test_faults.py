@@ -131,6 +131,8 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     for p in (0, 1, 3):
         assert_exact(res[p], arr[p, 0], SS, SL)
     assert store.read_marker(tmp_path / "out.zarr", 2) is None
+    run_log = next((tmp_path / "out.zarr" / "dogflow" / "logs").glob("*-local.log")).read_text()
+    assert "position 2 failed for good" in run_log and "log lines of worker" in run_log  # workers' logs copied in
     # the task run is Failed with a readable reason, not stuck in Running
     with get_client(sync_client=True) as pc:
         runs = pc.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["position-2"])))
