@@ -65,22 +65,23 @@ def filter_positions(
     )
     results: list[dict[str, Any]] = []
     for done, fut in enumerate(as_completed(futures), start=1):
-        pos = by_future[fut.task_run_id]
-        fut.wait()
-        line = _dask_failure(fut, pos)
-        if line is None:
-            state = fut.state
-            if state.is_completed():
-                results.append({**fut.result(), "status": "completed"})
-                update_progress_artifact(progress_id, progress=100.0 * done / len(positions))
-                continue
-            err = fut.result(raise_on_failure=False)
-            line = _error_line(err if isinstance(err, BaseException) else None)
-        logger.error("position %d failed for good: %s", pos, line)
-        _log_worker_logs(logger)
-        results.append({"position": pos, "status": "failed", "error": line})
+        results.append(_outcome(fut, by_future[fut.task_run_id], logger))
         update_progress_artifact(progress_id, progress=100.0 * done / len(positions))
     return sorted(results, key=lambda r: r["position"])
+
+
+def _outcome(fut, position: int, logger: logging.Logger) -> dict[str, Any]:
+    """The task's summary, or a failure row whose error is one readable line."""
+    fut.wait()
+    line = _dask_failure(fut, position)
+    if line is None:
+        if fut.state.is_completed():
+            return {**fut.result(), "status": "completed"}
+        err = fut.result(raise_on_failure=False)
+        line = _error_line(err if isinstance(err, BaseException) else None)
+    logger.error("position %d failed for good: %s", position, line)
+    _log_worker_logs(logger)
+    return {"position": position, "status": "failed", "error": line}
 
 
 def _dask_failure(fut, position: int) -> str | None:

@@ -109,7 +109,7 @@ class PrefectServer:
     """`prefect server start` on a free port of 127.0.0.1, with its own PREFECT_HOME (SQLite)."""
 
     def __init__(self, workdir: Path, auth_string: Optional[str] = None, ui: bool = False,
-                 startup_timeout: float = 90.0):
+                 startup_timeout: float = 90.0, extra_env: Optional[dict] = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -122,6 +122,7 @@ class PrefectServer:
         self.client_home = self.workdir / "client-home"
         self.startup_timeout = startup_timeout
         self.proc: Optional[subprocess.Popen] = None
+        self.extra_env = dict(extra_env or {})
 
     def start(self) -> "PrefectServer":
         env = base_env(self.home)
@@ -136,6 +137,7 @@ class PrefectServer:
         )
         if self.auth_string:
             env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_string
+        env.update(self.extra_env)
         if _TEMPLATE_DB:  # an already migrated database: saves the migrations (~6 s)
             self.home.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_TEMPLATE_DB, self.home / "prefect.db")

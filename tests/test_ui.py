@@ -49,7 +49,9 @@ def browser():
 @pytest.fixture(scope="module")
 def ui_site(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ui")
-    server = PrefectServer(workdir, ui=True).start()
+    # No scheduler service here: the nightly deployment's scheduled runs are tested in test_deployments,
+    # and its bulk inserts would compete with the form's request on this small machine.
+    server = PrefectServer(workdir, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}).start()
     worker = None
     try:
         # the nightly deployment needs site paths; the UI test runs on-demand only
@@ -79,6 +81,9 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
+    problems: list[str] = []  # failed API calls and console errors, reported if the test fails
+    page.on("response", lambda r: problems.append(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     try:
         page.goto(f"{server.url}/deployments/deployment/{dep.id}")
         page.get_by_role("button", name="Run", exact=True).click()
@@ -92,12 +97,14 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         positions = _prop(page, "positions")
         positions.get_by_role("button", name="str", exact=True).click()
         positions.locator("textarea, input[type=text]").first.fill("0-1")
-        page.get_by_role("button", name="Submit", exact=True).click()
+        with page.expect_response(lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST") as created:
+            page.get_by_role("button", name="Submit", exact=True).click()
+        assert created.value.status == 201, (created.value.status, created.value.text(), problems)
         # the UI goes back to the deployment page once the run is created
         page.wait_for_url(re.compile(rf"/deployments/deployment/{dep.id}(\?|$)"))
-    except Exception:
-        _save(page, request.node.name)
-        raise
+    except Exception as exc:
+        _save(page, request.node.name, problems)
+        raise AssertionError(f"UI run creation failed: {exc}; failed requests/console errors: {problems}") from exc
 
     # the run the form created, via the API
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -122,7 +129,7 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         page.goto(f"{server.url}/runs/flow-run/{fr.id}")
         page.get_by_text("Completed").first.wait_for()
     except Exception:
-        _save(page, request.node.name)
+        _save(page, request.node.name, problems)
         raise
     finally:
         page.close()
@@ -134,10 +141,11 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         assert_exact(res[p], src[p, 1], 1.2, 2.75)
 
 
-def _save(page, name: str) -> None:
+def _save(page, name: str, problems: list[str]) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     stem = ARTIFACTS / re.sub(r"[^\w.-]+", "_", name)
     try:
+        Path(f"{stem}.requests.txt").write_text("\n".join(problems) + "\n")
         page.screenshot(path=f"{stem}.png", full_page=True)
         Path(f"{stem}.html").write_text(page.content())
         print(f"UI failure artifacts: {stem}.png, {stem}.html")
