@@ -16,6 +16,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.params import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS
 from tasks import dog, preview, store
 
 
@@ -101,21 +102,13 @@ def process_position(
     return summary
 
 
-@task(
+# The Prefect task is the plain function above (retries are set per run by the flow).
+filter_position = task(
+    process_position,
     name="dog-position",
     task_run_name="position-{position}",
-    retries=2,
-    retry_delay_seconds=10,
+    retries=DEFAULT_RETRIES,
+    retry_delay_seconds=DEFAULT_RETRY_DELAY_SECONDS,
     persist_result=False,
     cache_policy=NO_CACHE,
 )
-def filter_position(
-    input_path: str,
-    output_path: str,
-    position: int,
-    params: dict[str, Any],
-    threads: int | None = None,
-    allow_missing_chunks: bool = False,
-) -> dict[str, Any]:
-    """Prefect task around :func:`process_position` (retries are set per run by the flow)."""
-    return process_position(input_path, output_path, position, params, threads, allow_missing_chunks)
