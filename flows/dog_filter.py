@@ -55,10 +55,10 @@ def filter_positions(
 ) -> list[dict[str, Any]]:
     """Map :func:`tasks.position.filter_position` over ``positions`` on this flow's task runner."""
     logger = get_run_logger()
-    _log_dashboard(logger)
     task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
                        unmapped(allow_missing_chunks))
+    _log_dashboard(logger)  # the runner's Dask client exists once the first task is submitted
     by_future = {f.task_run_id: p for f, p in zip(futures, positions)}
     progress_id = create_progress_artifact(
         progress=0.0, key="dog-filter-progress", description=f"{len(positions)} positions to filter"

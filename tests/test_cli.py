@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,31 @@ def test_plan_prints_job_script_and_memory_without_submitting(sample):
     assert "#SBATCH -p compute" in out and "distributed.cli.dask_worker" in out
     res = runner.invoke(app, ["plan", str(sample), "--cluster", "nosuch"])
     assert res.exit_code == 2 and "unknown cluster profile" in res.stderr
+
+
+def test_run_shows_progress_bar_with_eta_on_a_terminal(sample, tmp_path):
+    """On a terminal (a real pseudo-terminal here), `dogflow run` draws a rich progress bar with ETA."""
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dogflow"), "run", str(sample), str(tmp_path / "o.zarr"),
+                             "--sigma-small", "1", "--sigma-large", "2"], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(240) == 0
+    os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "dog-filter" in screen and "ETA" in screen and "3/3" in screen, screen[-3000:]

@@ -219,6 +219,7 @@ def test_artifacts_progress_table_preview(prefect_api, sample, tmp_path):
     png = base64.b64decode(b64)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert (out / "dogflow" / "previews" / "000001.png").read_bytes() == png
+    assert re.fullmatch(r"\[Dask dashboard\]\(http://[^)]+/status\)", _latest_artifact("dask-dashboard"))
     logs = list((out / "dogflow" / "logs").glob("*-local.log"))
     assert logs and "dog-filter summary: 3 processed" in logs[0].read_text()
 
