@@ -77,11 +77,9 @@ def run_flow(input_path: str, output_path: str, show_progress: bool = True, **kw
     except RunLockedError as exc:
         _fail(str(exc))
 
-    if profile.cluster_type == clusters.RUNNER_TYPE:  # inside `srun -n N`: only rank 1 runs the flow
-        with clusters.slurm_runner(profile):
-            with prefect_api():
-                return _run_with_progress(spec, show_progress, kw)
-    with prefect_api():
+    # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
+    runner = clusters.slurm_runner(profile) if profile.cluster_type == clusters.RUNNER_TYPE else contextlib.nullcontext()
+    with runner, prefect_api():
         return _run_with_progress(spec, show_progress, kw)
 
 
@@ -260,14 +258,14 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
     except store.StoreError as exc:
         src = None
         typer.echo(f"  (input unavailable: {exc}; staleness not checked)")
+    checked = store.scan_positions(output_path, src, params, range(min(P, src.shape[0]))) if src is not None else {}
     counts = {"complete": 0, "missing": 0, "stale": 0}
     for p in range(P):
-        marker = store.read_marker(output_path, p)
-        if src is not None and p < src.shape[0]:
-            expected = store.expected_marker_key(params, store.input_fingerprint(src, p, params.channel))
-            st = store.position_state(marker, expected)
+        if p in checked:
+            st, marker, expected = checked[p]
             why = f" ({store.stale_reason(marker, expected)})" if st == "stale" else ""
-        else:
+        else:  # input unavailable: only the marker can be read
+            marker = store.read_marker(output_path, p)
             st, why = ("complete" if marker else "missing"), ""
         counts[st] += 1
         if marker:

@@ -98,6 +98,18 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait(5)
 
 
+def _await_ready(service, ready, timeout: float, interval: float, what: str) -> None:
+    """Poll ``ready()`` until true while ``service.proc`` lives; otherwise stop it and skip/fail with its log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and service.proc.poll() is None:
+        if ready():
+            return
+        time.sleep(interval)
+    rc = service.proc.poll()
+    service.stop()
+    require(False, f"{what} within {timeout:.0f} s (exit status {rc}); log tail:\n{_tail(service.log)}")
+
+
 def _tail(path: Path, n: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -149,20 +161,14 @@ class PrefectServer:
                 cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    _save_template_db(self.home / "prefect.db")
-                    return self
-            time.sleep(0.5)
-        rc = self.proc.poll()
-        self.stop()
-        require(False, f"prefect server did not become healthy within {self.startup_timeout:.0f} s "
-                       f"(exit status {rc}); log tail:\n{_tail(self.log)}")
+        _await_ready(self, self._healthy, self.startup_timeout, 0.5, "prefect server did not become healthy")
+        _save_template_db(self.home / "prefect.db")
         return self
+
+    def _healthy(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+        return False
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -252,25 +258,15 @@ class Worker:
                 ["bash", str(ROOT / "infra" / "prefect" / "worker.sh")], cwd=self.server.workdir, env=env,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        # ready once the server lists the worker in the pool
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with self.server.client() as c:
-                if any(w.name == "dogflow-test-worker" for w in c.read_workers_for_work_pool(self.pool)):
-                    return self
-            time.sleep(1.0)
-        rc = self.proc.poll()
-        self.stop()
-        require(False, f"prefect worker did not register within {timeout:.0f} s (exit status {rc}); "
-                       f"log tail:\n{_tail(self.log)}")
+        _await_ready(self, self._registered, timeout, 1.0, "prefect worker did not register")
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_group(self.proc)
-            self.proc = None
+    def _registered(self) -> bool:
+        """Ready once the server lists the worker in the pool."""
+        with self.server.client() as c:
+            return any(w.name == "dogflow-test-worker" for w in c.read_workers_for_work_pool(self.pool))
+
+    stop = PrefectServer.stop
 
 
 # --- flow runs -------------------------------------------------------------------
