@@ -45,6 +45,8 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
+from tasks import defaults, filters
+
 IMAGE_PATH = "0"
 META_GROUP = "dogflow"
 MARKER_DIR = "positions"
@@ -52,7 +54,7 @@ LOCK_NAME = "run.lock"
 LOG_DIR = "logs"
 PREVIEW_DIR = "previews"
 LAYOUT_VERSION = 1
-OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 NGFF_VERSION = "0.5"
 
 
@@ -213,7 +215,7 @@ def default_output_chunks(zyx: tuple[int, int, int]) -> tuple[int, int, int, int
     return (1, min(z, 64), min(y, 256), min(x, 256))
 
 
-def _ngff_attrs(n_positions: int) -> dict[str, Any]:
+def _ngff_attrs() -> dict[str, Any]:
     return {
         "ome": {
             "version": NGFF_VERSION,
@@ -232,7 +234,7 @@ def _ngff_attrs(n_positions: int) -> dict[str, Any]:
                             "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0]}],
                         }
                     ],
-                    "metadata": {"method": "dogflow.difference_of_gaussians"},
+                    "metadata": {"method": filters.FILTERS[defaults.FILTER].method},
                 }
             ],
         }
@@ -310,7 +312,6 @@ def prepare_output(
     params: FilterParams,
     input_shape: tuple[int, ...],
     overwrite: bool = False,
-    chunks: tuple[int, ...] | None = None,
 ) -> zarr.Array:
     """Create or open the output image array, after :func:`check_output`.
 
@@ -332,7 +333,7 @@ def prepare_output(
         g.create_array(
             IMAGE_PATH,
             shape=(P, Z, Y, X),
-            chunks=chunks or default_output_chunks((Z, Y, X)),
+            chunks=default_output_chunks((Z, Y, X)),
             dtype=dtype,
             fill_value=0,
             dimension_names=["position", "z", "y", "x"],
@@ -342,7 +343,7 @@ def prepare_output(
         meta.attrs["description"] = "dogflow bookkeeping: completion markers, run lock and logs"
         (p / META_GROUP / MARKER_DIR).mkdir(parents=True, exist_ok=True)
         (p / META_GROUP / LOG_DIR).mkdir(parents=True, exist_ok=True)
-        attrs = _ngff_attrs(P)
+        attrs = _ngff_attrs()
         attrs["dogflow"] = {
             "layout_version": LAYOUT_VERSION,
             "version": dogflow_version(),
@@ -369,6 +370,11 @@ def prepare_output(
 
 def open_output_array(path: str | os.PathLike, mode: str = "r+") -> zarr.Array:
     return zarr.open_array(str(Path(path) / IMAGE_PATH), mode=mode)
+
+
+def read_result(path: str | os.PathLike, position: int) -> np.ndarray:
+    """The filtered (z, y, x) volume of one position, as a numpy array."""
+    return open_output_array(path, mode="r")[position]
 
 
 def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
@@ -434,6 +440,12 @@ def read_marker(out: str | os.PathLike, position: int) -> dict[str, Any] | None:
         return json.loads(_marker_path(out, position).read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def marker_record(params: FilterParams, fingerprint: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """What a position's completion marker records: the key a later run compares (input fingerprint,
+    parameter digest, dogflow version), the task's summary, the parameters and the finishing time."""
+    return {**expected_marker_key(params, fingerprint), **summary, "params": params.as_dict(), "finished": time.time()}
 
 
 def expected_marker_key(params: FilterParams, fingerprint: str) -> dict[str, str]:
@@ -561,10 +573,12 @@ class RunLock:
         self.release()
 
 
-def log_dir(out: str | os.PathLike) -> Path:
-    d = Path(out) / META_GROUP / LOG_DIR
+def run_log_path(out: str | os.PathLike, run_name: str, job_id: str | None = None,
+                 folder: str | os.PathLike | None = None) -> Path:
+    """``OUTPUT/dogflow/logs/<run-name>-<SLURM_JOB_ID|local>.log`` (or that name in ``folder``); the folder is created."""
+    d = Path(folder) if folder else Path(out) / META_GROUP / LOG_DIR
     d.mkdir(parents=True, exist_ok=True)
-    return d
+    return d / f"{run_name}-{job_id or 'local'}.log"
 
 
 def scan_positions(out: str | os.PathLike, arr: zarr.Array, params: FilterParams, positions: Iterable[int]) -> dict[int, tuple[str, dict | None, dict]]:
