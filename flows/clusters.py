@@ -427,9 +427,9 @@ def build_task_runner(prof: Profile):
 
     import dask
 
-    from tasks.defaults import ALLOWED_FAILURES as DEFAULT_ALLOWED_FAILURES
+    from tasks.defaults import DASK_CONFIG
 
-    dask.config.set({"distributed.scheduler.allowed-failures": DEFAULT_ALLOWED_FAILURES, **prof.dask_config})
+    dask.config.set({**DASK_CONFIG, **prof.dask_config})
     _prepare_directories(prof)
     args = runner_arguments(prof)
     if "cluster_class" in args:

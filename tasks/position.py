@@ -70,16 +70,23 @@ def process_position(
     # Unmark first: from here until the new marker lands, this position is not complete.
     store.clear_marker(output_path, position)
     volume = read_volume(src, input_path, position, p.channel, allow_missing_chunks)
+    t1 = time.perf_counter()
     nthreads = threads or _threads_here()
     result = filters.FILTERS[defaults.FILTER].apply(volume, p, nthreads)
+    t2 = time.perf_counter()
     store.write_preview(output_path, position, preview.preview_png(volume, result))
     del volume
     stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64))}
+    t3 = time.perf_counter()
     store.open_output_array(output_path)[position] = store.to_output_dtype(result, p.output_dtype)
     del result
+    t4 = time.perf_counter()
     summary = {
         "position": int(position),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(t4 - t0, 3),
+        "read_seconds": round(t1 - t0, 3),
+        "filter_seconds": round(t2 - t1, 3),
+        "write_seconds": round(t4 - t3, 3),
         **stats,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
