@@ -78,7 +78,7 @@ def run_flow(input_path: str, output_path: str, show_progress: bool = True, **kw
         _fail(str(exc))
 
     # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
-    runner = clusters.slurm_runner(profile) if profile.cluster_type == clusters.RUNNER_TYPE else contextlib.nullcontext()
+    runner = profile.session()
     with runner, prefect_api():
         return _run_with_progress(spec, show_progress, kw)
 
@@ -219,25 +219,14 @@ def plan(
             raise ParameterError(f"channel {channel} out of range: the input has {arr.shape[1]} channels")
         pos = parse_positions(positions, arr.shape[0])
         prof = clusters.load_profile(cluster)
-        need, have = clusters.check_memory(prof, tuple(arr.shape[2:]), str(arr.dtype), output_dtype)
+        prof.preflight(clusters.memory_needed_per_task(tuple(arr.shape[2:]), str(arr.dtype), output_dtype))
+        lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
-    slots, _ = clusters.task_slots_and_memory(prof)
     typer.echo(f"input: {input_path} shape {tuple(arr.shape)} {arr.dtype}")
     typer.echo(f"positions: {len(pos)}")
-    typer.echo(f"memory per task: {need / 2**30:.2f} GiB needed, "
-               + (f"{have / 2**30:.2f} GiB available" if have else "unknown available"))
-    typer.echo(f"profile: {prof.source} ({prof.cluster_type})")
-    typer.echo(f"threads per task: {clusters.threads_per_task(prof) or 'auto'}")
-    if prof.is_batch:
-        processes = int(prof.kwargs.get("processes") or 1)
-        workers = prof.max_workers or prof.n_workers or 1
-        jobs = -(-workers // processes)
-        typer.echo(f"workers: {workers} ({'adaptive ' + str(prof.min_workers) + '-' + str(prof.max_workers) if prof.adaptive else 'fixed'}), "
-                   f"jobs: {'up to ' if prof.adaptive else ''}{jobs}, task slots per job: {slots * processes}")
-        typer.echo(f"TLS: {'off' if prof.kwargs.get('security') is False else 'on (certificates in ' + str(prof.kwargs.get('shared_temp_directory')) + ')'}")
-        typer.echo("job script (one worker job):")
-        typer.echo(clusters.job_script(prof))
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()

@@ -260,7 +260,8 @@ def dog_filter(
         spec = validate(input_path, output_path, channel, sigma_small, sigma_large, positions, truncate, mode,
                         output_dtype, overwrite)
         profile = clusters.load_profile(cluster)
-        need, have = clusters.preflight(profile, spec.input_shape[2:], spec.input_dtype, output_dtype)
+        need, have = profile.preflight(clusters.memory_needed_per_task(spec.input_shape[2:], spec.input_dtype,
+                                                                       output_dtype))
     except (ParameterError, clusters.ProfileError) as exc:
         logger.error("%s", exc)
         raise
@@ -294,13 +295,13 @@ def dog_filter(
 
         # 3. map.
         if pending:
-            runner = clusters.build_task_runner(profile)
+            runner = profile.build_task_runner()
             rows = filter_positions.with_options(task_runner=runner)(
                 spec.input_path,
                 spec.output_path,
                 pending,
                 spec.params.as_dict(),
-                clusters.threads_per_task(profile),
+                profile.threads_per_task(),
                 retries,
                 retry_delay_seconds,
                 allow_missing_chunks,
