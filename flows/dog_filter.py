@@ -230,7 +230,7 @@ def dog_filter(
     output_dtype: Literal["float32", "uint16"] = "float32",
     overwrite: bool = False,
     force: bool = False,
-    cluster: str = "local",
+    cluster: Union[clusters.ProfileName, str] = "local",
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     allow_missing_chunks: bool = False,
@@ -249,12 +249,18 @@ def dog_filter(
         output_dtype: float32, or uint16 (rounded half to even, clipped to 0..65535).
         overwrite: Replace an existing output written with other parameters or another shape.
         force: Recompute every selected position, even those complete and unchanged.
-        cluster: Cluster profile: a name in infra/clusters (local, slurm, ...) or a path to a YAML file.
+        cluster: Cluster profile: a shipped name (local, slurm, ...) or a path to a YAML file.
         retries: Prefect retries of a failed position task.
         retry_delay_seconds: Seconds between those retries.
         allow_missing_chunks: Read a missing input chunk as the fill value instead of failing the position.
     """
     logger = get_run_logger()
+    if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
+        from prefect.states import Completed
+
+        msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
+        logger.warning(msg)
+        return Completed(name="Skipped", message=msg)
     # 1. validate: parameters, input, output, profile, memory. Nothing is written before this passes.
     try:
         spec = validate(input_path, output_path, channel, sigma_small, sigma_large, positions, truncate, mode,
