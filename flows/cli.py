@@ -49,7 +49,6 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
     ``temporary_api``: a temporary Prefect server the command started early (:mod:`flows.api`); it is
     stopped when the run ends, or at once when the request is refused.
     """
-    from flows import clusters
     from flows.api import prefect_api
     from flows.request import ParameterError, handing_over
     from tasks.store import RunLock, RunLockedError
@@ -63,7 +62,7 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
         _fail(str(exc))
     profile = spec.profile
     # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
-    runner = clusters.slurm_runner(profile) if profile.cluster_type == clusters.RUNNER_TYPE else contextlib.nullcontext()
+    runner = profile.session()
     with runner, prefect_api(temporary_api), handing_over(spec), _progress_bar(show_progress):
         from flows.dog_filter import dog_filter
 
@@ -161,6 +160,7 @@ def plan(
     """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
     from flows import clusters
     from flows.request import ParameterError, parse_positions
+    from tasks import filters
     from tasks.store import StoreError, open_input
 
     try:
@@ -169,25 +169,15 @@ def plan(
             raise ParameterError(f"channel {channel} out of range: the input has {arr.shape[1]} channels")
         pos = parse_positions(positions, arr.shape[0])
         prof = clusters.load_profile(cluster)
-        need, have = clusters.check_memory(prof, tuple(arr.shape[2:]), str(arr.dtype), output_dtype)
+        prof.check_memory(filters.memory_per_task(filters.FILTERS[defaults.FILTER], tuple(arr.shape[2:]), arr.dtype,
+                                                  output_dtype))
+        lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
-    slots, _ = clusters.task_slots_and_memory(prof)
     typer.echo(f"input: {input_path} shape {tuple(arr.shape)} {arr.dtype}")
     typer.echo(f"positions: {len(pos)}")
-    typer.echo(f"memory per task: {need / 2**30:.2f} GiB needed, "
-               + (f"{have / 2**30:.2f} GiB available" if have else "unknown available"))
-    typer.echo(f"profile: {prof.source} ({prof.cluster_type})")
-    typer.echo(f"threads per task: {clusters.threads_per_task(prof) or 'auto'}")
-    if prof.is_batch:
-        processes = int(prof.kwargs.get("processes") or 1)
-        workers = prof.max_workers or prof.n_workers or 1
-        jobs = -(-workers // processes)
-        typer.echo(f"workers: {workers} ({'adaptive ' + str(prof.min_workers) + '-' + str(prof.max_workers) if prof.adaptive else 'fixed'}), "
-                   f"jobs: {'up to ' if prof.adaptive else ''}{jobs}, task slots per job: {slots * processes}")
-        typer.echo(f"TLS: {'off' if prof.kwargs.get('security') is False else 'on (certificates in ' + str(prof.kwargs.get('shared_temp_directory')) + ')'}")
-        typer.echo("job script (one worker job):")
-        typer.echo(clusters.job_script(prof))
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import outcomes, reports, runlog
+from flows import clusters, outcomes, reports, runlog
 from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
 from tasks import defaults, store
 from tasks.position import filter_position
@@ -39,7 +39,7 @@ def dog_filter(
     output_dtype: Literal[defaults.OUTPUT_DTYPES] = defaults.OUTPUT_DTYPE,  # type: ignore[valid-type]
     overwrite: bool = False,
     force: bool = False,
-    cluster: str = defaults.CLUSTER,
+    cluster: Union[clusters.ProfileName, str] = defaults.CLUSTER,
     retries: int = defaults.RETRIES,
     retry_delay_seconds: float = defaults.RETRY_DELAY_SECONDS,
     allow_missing_chunks: bool = False,
@@ -65,6 +65,8 @@ def dog_filter(
     """
     request = RunRequest(**locals())
     logger = get_run_logger()
+    if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
+        return _no_dataset(logger)
     spec = _validate(request, logger)
     with store.RunLock(spec.output_path, run_id=str(flow_run.get_id() or "")), \
             runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
@@ -101,6 +103,14 @@ def filter_positions(
     return sorted(rows, key=lambda r: r["position"])
 
 
+def _no_dataset(logger: logging.Logger):
+    from prefect.states import Completed
+
+    msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
+    logger.warning(msg)
+    return Completed(name="Skipped", message=msg)
+
+
 def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
     try:
         return validated(request)
@@ -132,11 +142,8 @@ def _map(spec: RunSpec, pending: list[int], skipped: int) -> list[dict[str, Any]
     if not pending:
         reports.announce(skipped, len(spec.positions))
         return []
-    from flows import clusters
-
-    runner = clusters.build_task_runner(spec.profile)
-    return filter_positions.with_options(task_runner=runner)(
-        spec.input_path, spec.output_path, pending, spec.params.as_dict(), clusters.threads_per_task(spec.profile),
+    return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
+        spec.input_path, spec.output_path, pending, spec.params.as_dict(), spec.profile.threads_per_task(),
         spec.request.retries, spec.request.retry_delay_seconds, spec.request.allow_missing_chunks, skipped,
     )
 

@@ -159,7 +159,7 @@ class RunRequest:
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
         need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], shape[2:], arr.dtype, self.output_dtype)
-        profile = _profile(self.cluster, shape[2:], str(arr.dtype), self.output_dtype)
+        profile = _profile(self.cluster, need)
         return RunSpec(self, in_abs, out_abs, shape, str(arr.dtype), tuple(positions), params, profile, need)
 
     def _sigmas(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -212,11 +212,11 @@ class RunRequest:
         return channel
 
 
-def _profile(name: str, zyx: tuple[int, ...], input_dtype: str, output_dtype: str) -> Any:
-    """The run's cluster profile, checked on this host (interface, memory per task)."""
+def _profile(name: str, need_bytes: int) -> Any:
+    """The run's cluster profile, checked (and, for ``local``, sized) on this host for ``need_bytes`` per task."""
     try:
         profile = clusters.load_profile(name)
-        clusters.preflight(profile, tuple(zyx), input_dtype, output_dtype)
+        profile.preflight(need_bytes)
     except clusters.ProfileError as exc:
         raise ParameterError(str(exc)) from None
     return profile
