@@ -138,6 +138,8 @@ class LocalProfile(ClusterProfile):
     def runner_arguments(self) -> dict[str, Any]:
         plan = self.plan()
         kwargs = {**self.kwargs, "threads_per_worker": plan.threads_per_worker, "memory_limit": plan.memory_limit}
+        # Dask's lines on this terminal (the workers share it): the level `dogflow run` chose (-v: INFO)
+        kwargs.setdefault("silence_logs", os.environ.get("DOGFLOW_TERMINAL_LOG_LEVEL", "WARNING"))
         args: dict[str, Any] = {"cluster_class": self.cluster_class, "cluster_kwargs": kwargs}
         if self.adaptive:
             kwargs["n_workers"] = self.min_workers
