@@ -221,12 +221,12 @@ def preview_path(out: str | os.PathLike, position: int, channel: int) -> Path:
     return Path(out) / META_GROUP / PREVIEW_DIR / f"{position:06d}" / f"c{channel:04d}.png"
 
 
-def run_log_path(out: str | os.PathLike, run_name: str | None, env: dict[str, str] | None = None) -> Path:
-    """``OUTPUT/dogflow/logs/<run-name>-<SLURM_JOB_ID|local>.log`` (folder: ``$DOGFLOW_LOG_DIR`` if set); created."""
-    env = os.environ if env is None else env
-    folder = Path(env["DOGFLOW_LOG_DIR"]) if env.get("DOGFLOW_LOG_DIR") else Path(out) / META_GROUP / LOG_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{run_name or 'run'}-{env.get('SLURM_JOB_ID') or 'local'}.log"
+def run_log_path(out: str | os.PathLike, run_name: str, job_id: str | None = None,
+                 folder: str | os.PathLike | None = None) -> Path:
+    """``OUTPUT/dogflow/logs/<run-name>-<SLURM_JOB_ID|local>.log`` (or that name in ``folder``); the folder is created."""
+    d = Path(folder) if folder else Path(out) / META_GROUP / LOG_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{run_name}-{job_id or 'local'}.log"
 
 
 def lock_path(out: str | os.PathLike) -> Path:
@@ -247,6 +247,11 @@ def n_levels(out: str | os.PathLike, position: int) -> int:
     while (Path(out) / level_path(position, n) / "zarr.json").exists():
         n += 1
     return n
+
+
+def read_result(out: str | os.PathLike, position: int, channel: int, level: int = 0) -> np.ndarray:
+    """The filtered (z, y, x) volume of one position and channel (at ``level``), as a numpy array."""
+    return open_level(out, position, level)[channel]
 
 
 # =========================================================================== creating and checking the output

@@ -218,9 +218,9 @@ def test_status_rows_per_position_and_channel(tmp_path):
 
 def test_run_log_path(tmp_path):
     out = tmp_path / "o.zarr"
-    assert store.run_log_path(out, "brave-fox", env={}) == out / "dogflow" / "logs" / "brave-fox-local.log"
-    assert store.run_log_path(out, None, env={"SLURM_JOB_ID": "42"}).name == "run-42.log"
-    assert store.run_log_path(out, "x", env={"DOGFLOW_LOG_DIR": str(tmp_path / "L")}) == tmp_path / "L" / "x-local.log"
+    assert store.run_log_path(out, "brave-fox") == out / "dogflow" / "logs" / "brave-fox-local.log"
+    assert store.run_log_path(out, "run", "42").name == "run-42.log"
+    assert store.run_log_path(out, "x", folder=tmp_path / "L") == tmp_path / "L" / "x-local.log"
 
 
 def test_lock_is_exclusive_and_stale_after_owner_death(tmp_path):
