@@ -162,16 +162,15 @@ def resolve_voxel_size(
     return md
 
 
-def sigma_in_voxels(value: Any, voxel_size: Lengths | None, name: str, fwhm: bool = False) -> Sigma:
-    """σ (or FWHM, with ``fwhm=True``) in voxels per axis, from voxels or a physical length.
+def sigma_in_voxels(value: Any, voxel_size: Lengths | None, name: str) -> Sigma:
+    """σ in voxels per axis, from voxels or a physical length (see :func:`fwhm_as_sigma` for FWHM).
 
     A physical value needs a voxel size with a unit; the σ in micrometers is kept for provenance.
     """
     lengths = parse_lengths(value, name)
-    factor = 1.0 / FWHM_PER_SIGMA if fwhm else 1.0
     given = value if isinstance(value, str) else ",".join(f"{v:g}" for v in lengths.values)
     if lengths.unit is None:
-        vox = tuple(v * factor for v in lengths.values)
+        vox = lengths.values
         um = None
         if voxel_size is not None and voxel_size.unit is not None:
             um = tuple(v * s for v, s in zip(vox, voxel_size.micrometers))  # type: ignore[arg-type]
@@ -183,20 +182,21 @@ def sigma_in_voxels(value: Any, voxel_size: Lengths | None, name: str, fwhm: boo
         )
     if voxel_size.unit is None:
         raise UnitError(f"{name} {value!r} has a unit but the input's voxel size has none; give {name} in voxels")
-    um = tuple(v * factor * um_per_unit(lengths.unit) for v in lengths.values)
+    um = tuple(v * um_per_unit(lengths.unit) for v in lengths.values)
     vox = tuple(u / s for u, s in zip(um, voxel_size.micrometers))  # type: ignore[arg-type]
     return Sigma(vox, um, str(given))  # type: ignore[arg-type]
 
 
-def gaussian_sigma(
-    sigma: Any, fwhm: Any, voxel_size: Lengths | None, name: str, default: Any = None
-) -> Sigma:
-    """One Gaussian from either its σ or its FWHM (not both); ``default`` (voxels) when neither is given."""
-    if sigma is not None and fwhm is not None:
-        raise UnitError(f"give sigma_{name} or fwhm_{name}, not both")
-    if fwhm is not None:
-        return sigma_in_voxels(fwhm, voxel_size, f"fwhm_{name}", fwhm=True)
-    return sigma_in_voxels(sigma if sigma is not None else default, voxel_size, f"sigma_{name}")
+def fwhm_as_sigma(fwhm: Any, name: str) -> str | list[float]:
+    """A FWHM (voxels or with a unit) as the same Gaussian's σ, in the same form: ``"1.2um"`` -> ``"0.509...um"``.
+
+    Lets the CLI turn ``--fwhm-*`` into the flow's ``sigma_*`` parameter before the voxel size is known.
+    """
+    lengths = parse_lengths(fwhm, name)
+    vals = [v / FWHM_PER_SIGMA for v in lengths.values]
+    if lengths.unit is None:
+        return vals
+    return f"{','.join(repr(v) for v in vals)}{lengths.unit}"
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -33,9 +33,11 @@ def test_three_values_with_one_unit_and_numbers_are_voxels():
 
 def test_fwhm_with_unit():
     f = 2 * math.sqrt(2 * math.log(2))
-    s = units.gaussian_sigma(None, f"{f}um", VS, "small")
+    s = units.sigma_in_voxels(units.fwhm_as_sigma(f"{f}um", "fwhm_small"), VS, "sigma_small")
     assert s.micrometers == pytest.approx((1.0, 1.0, 1.0)) and s.voxels == pytest.approx((0.5, 2.0, 4.0))
-    assert units.gaussian_sigma(None, None, None, "large", default=3.0).voxels == (3.0, 3.0, 3.0)
+    as_sigma = units.fwhm_as_sigma(f"{f},{2 * f},{2 * f} µm", "fwhm_small")  # the CLI's --fwhm-* -> sigma_*
+    assert units.sigma_in_voxels(as_sigma, VS, "s").micrometers == pytest.approx((1.0, 2.0, 2.0))
+    assert units.fwhm_as_sigma(f, "fwhm_small") == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_micrometers_against_scipy_with_sigma_in_voxels():
@@ -71,7 +73,6 @@ def test_voxel_size_forms_and_metadata():
         (lambda: units.sigma_in_voxels("1,2", VS, "sigma_small"), "needs 1 or 3 values"),
         (lambda: units.sigma_in_voxels("abc", VS, "sigma_small"), "must be a number"),
         (lambda: units.sigma_in_voxels(True, VS, "sigma_small"), "must be a number"),
-        (lambda: units.gaussian_sigma(1, 2, VS, "small"), "not both"),
         (lambda: units.resolve_voxel_size("1,0.5,0.5", (2.0, 0.406, 0.406), "micrometer"), "contradicts the input's metadata"),
         (lambda: units.resolve_voxel_size("1,0.5,0.5", (2.0, 0.406, 0.406), None), "without a unit"),
         (lambda: units.sigma_in_voxels("1um", units.Lengths((1.0,) * 3, None), "sigma_small"), "voxel size has none"),
