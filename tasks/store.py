@@ -167,26 +167,27 @@ def level_shapes(zyx: tuple[int, int, int], max_plane: int = PYRAMID_MAX_PLANE) 
     return out
 
 
-def downsample_mean(a: np.ndarray) -> np.ndarray:
+def downsample_mean(a: np.ndarray, slab: int = 8) -> np.ndarray:
     """2x2 mean in y, x of a (z, y, x) array, as float32 of shape (z, ceil(y/2), ceil(x/2)).
 
-    An odd last row or column is averaged over the pixels that exist (as if edge-replicated). Memory:
-    the result (a quarter of the input) plus one row/column temporary; the input is never copied.
+    An odd last row or column is averaged over the pixels that exist (as if edge-replicated). Works in
+    slabs of ``slab`` z-planes (row pairs first, then column pairs): the extra memory is the result (a
+    quarter of the input) plus one slab's temporary; the input is never copied.
     """
     z, y, x = a.shape
-    y2, x2 = y // 2, x // 2
-    out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=np.float32)
-    inner = out[:, :y2, :x2]
-    np.add(a[:, 0 : 2 * y2 : 2, 0 : 2 * x2 : 2], a[:, 1 : 2 * y2 : 2, 0 : 2 * x2 : 2], out=inner, dtype=np.float32)
-    inner += a[:, 0 : 2 * y2 : 2, 1 : 2 * x2 : 2]
-    inner += a[:, 1 : 2 * y2 : 2, 1 : 2 * x2 : 2]
-    inner *= 0.25
-    if y % 2:
-        out[:, y2, :x2] = (a[:, y - 1, 0 : 2 * x2 : 2].astype(np.float32) + a[:, y - 1, 1 : 2 * x2 : 2]) * 0.5
-    if x % 2:
-        out[:, :y2, x2] = (a[:, 0 : 2 * y2 : 2, x - 1].astype(np.float32) + a[:, 1 : 2 * y2 : 2, x - 1]) * 0.5
-    if y % 2 and x % 2:
-        out[:, y2, x2] = a[:, y - 1, x - 1]
+    y2, x2, yo, xo = y // 2, x // 2, -(-y // 2), -(-x // 2)
+    out = np.empty((z, yo, xo), dtype=np.float32)
+    for z0 in range(0, z, slab):
+        blk = a[z0 : z0 + slab]
+        rows = np.empty((blk.shape[0], yo, x), dtype=np.float32)
+        np.add(blk[:, 0 : 2 * y2 : 2], blk[:, 1 : 2 * y2 : 2], out=rows[:, :y2], dtype=np.float32)
+        if y % 2:
+            np.multiply(blk[:, y - 1], 2, out=rows[:, y2], dtype=np.float32)
+        dst = out[z0 : z0 + slab]
+        np.add(rows[:, :, 0 : 2 * x2 : 2], rows[:, :, 1 : 2 * x2 : 2], out=dst[:, :, :x2])
+        dst[:, :, :x2] *= 0.25
+        if x % 2:
+            np.multiply(rows[:, :, x - 1], 0.5, out=dst[:, :, x2])
     return out
 
 
