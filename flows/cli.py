@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
+
+from tasks import defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact 3-D Difference-of-Gaussians over 5-D microscopy Zarr datasets (Prefect + Dask).")
@@ -25,62 +26,45 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _sigmas(sigma: Optional[str], fwhm: Optional[str], default: float, name: str):
-    from flows.params import fwhm_to_sigma, parse_sigma
-
-    if sigma is not None and fwhm is not None:
-        raise ValueError(f"give --sigma-{name} or --fwhm-{name}, not both")
-    if fwhm is not None:
-        return list(fwhm_to_sigma(fwhm, f"fwhm_{name}"))
-    return list(parse_sigma(sigma if sigma is not None else default, f"sigma_{name}"))
-
-
-def _progress(output: str, positions: list[int], params, stop: threading.Event) -> None:
-    """Poll the completion markers and drive a rich progress bar with ETA."""
+@contextlib.contextmanager
+def _progress_bar(show: bool) -> Iterator[None]:
+    """A rich progress bar with ETA on a terminal, driven by the run's own progress (no polling)."""
+    if not (show and sys.stderr.isatty()):
+        yield
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from tasks import store
+    from flows import reports
 
-    src = store.open_input(params.input_path)
-    expected = {p: store.expected_marker_key(params, store.input_fingerprint(src, p, params.channel)) for p in positions}
-    done0 = None
     with Progress(TextColumn("[bold]dog-filter"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), transient=False, refresh_per_second=2) as bar:
-        tid = bar.add_task("positions", total=len(positions))
-        while True:
-            done = sum(store.position_state(store.read_marker(output, p), expected[p]) == "complete" for p in positions)
-            if done0 is None:
-                done0 = done
-            bar.update(tid, completed=done)
-            if stop.wait(1.0):
-                done = sum(store.position_state(store.read_marker(output, p), expected[p]) == "complete" for p in positions)
-                bar.update(tid, completed=done)
-                return
+        tid = bar.add_task("positions", total=None)
+        with reports.listening(lambda done, total: bar.update(tid, completed=done, total=total)):
+            yield
 
 
-def run_flow(input_path: str, output_path: str, show_progress: bool = True, **kw) -> dict:
-    """Validate everything, then run the ``dog-filter`` flow in this process (raises typer.Exit on errors)."""
+def run_flow(request, show_progress: bool = True) -> dict:
+    """Validate ``request``, then run the ``dog-filter`` flow on it in this process (raises typer.Exit on errors)."""
     from flows import clusters
-    from flows.params import ParameterError, validate
-
-    try:
-        spec = validate(input_path, output_path, kw["channel"], kw["sigma_small"], kw["sigma_large"], kw["positions"],
-                        kw["truncate"], kw["mode"], kw["output_dtype"], kw["overwrite"])
-        profile = clusters.load_profile(kw["cluster"])
-        clusters.preflight(profile, spec.input_shape[2:], spec.input_dtype, kw["output_dtype"])
-    except (ParameterError, clusters.ProfileError) as exc:
-        _fail(str(exc))
+    from flows.request import ParameterError, handing_over
     from tasks.store import RunLock, RunLockedError
 
-    try:  # refuse at once, before Prefect starts, when another live run holds the output
-        RunLock(spec.output_path).check()
-    except RunLockedError as exc:
+    try:
+        spec = request.validate()
+        RunLock(spec.output_path).check()  # refuse at once, before Prefect starts, when a live run holds the output
+    except (ParameterError, RunLockedError) as exc:
         _fail(str(exc))
-
+    profile = spec.profile
     # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
     runner = clusters.slurm_runner(profile) if profile.cluster_type == clusters.RUNNER_TYPE else contextlib.nullcontext()
-    with runner, prefect_api():
-        return _run_with_progress(spec, show_progress, kw)
+    with runner, prefect_api(), handing_over(spec), _progress_bar(show_progress):
+        from flows.dog_filter import dog_filter
+
+        state = dog_filter(**request.parameters(), return_state=True)
+    if state.is_completed():
+        return state.result()
+    err = state.result(raise_on_failure=False)
+    _fail(str(err).splitlines()[0] if err else f"flow ended {state.name}", code=1)
 
 
 @contextlib.contextmanager
@@ -116,27 +100,6 @@ def prefect_api():
         server.stop()
 
 
-def _run_with_progress(spec, show_progress: bool, kw: dict) -> dict:
-    from flows.dog_filter import dog_filter
-
-    stop = threading.Event()
-    watcher = None
-    if show_progress and sys.stderr.isatty():
-        watcher = threading.Thread(target=_progress, args=(spec.output_path, list(spec.positions), spec.params, stop),
-                                   daemon=True)
-        watcher.start()
-    try:
-        state = dog_filter(input_path=spec.input_path, output_path=spec.output_path, return_state=True, **kw)
-    finally:
-        stop.set()
-        if watcher:
-            watcher.join(timeout=5)
-    if state.is_completed():
-        return state.result()
-    err = state.result(raise_on_failure=False)
-    _fail(str(err).splitlines()[0] if err else f"flow ended {state.name}", code=1)
-
-
 @app.command()
 def run(
     input_path: str = typer.Argument(..., metavar="INPUT", help="5-D Zarr array (or OME-Zarr group) to filter"),
@@ -147,29 +110,35 @@ def run(
     fwhm_small: Optional[str] = typer.Option(None, help="small Gaussian as FWHM (σ = FWHM/2.3548)"),
     fwhm_large: Optional[str] = typer.Option(None, help="large Gaussian as FWHM"),
     positions: Optional[str] = typer.Option(None, help="positions, e.g. 0-9,15 [default: all]"),
-    cluster: str = typer.Option("local", help="cluster profile name (infra/clusters) or YAML path"),
-    output_dtype: str = typer.Option("float32", help="float32 or uint16 (rounded, clipped to 0..65535)"),
-    truncate: float = typer.Option(4.0, help="kernel radius in σ (scipy: int(truncate·σ+0.5))"),
-    mode: str = typer.Option("nearest", help="edge mode: nearest, reflect, mirror, constant, wrap"),
+    cluster: str = typer.Option(defaults.CLUSTER, help="cluster profile name (shipped profiles) or YAML path"),
+    output_dtype: str = typer.Option(defaults.OUTPUT_DTYPE, help="float32 or uint16 (rounded, clipped to 0..65535)"),
+    truncate: float = typer.Option(defaults.TRUNCATE, help="kernel radius in σ (scipy: int(truncate·σ+0.5))"),
+    mode: str = typer.Option(defaults.MODE, help=f"edge mode: {', '.join(defaults.MODES)}"),
     overwrite: bool = typer.Option(False, help="replace an output written with other parameters"),
     force: bool = typer.Option(False, help="recompute positions even if complete and unchanged"),
-    retries: int = typer.Option(2, help="Prefect retries per position"),
-    retry_delay: float = typer.Option(10.0, help="seconds between retries"),
+    retries: int = typer.Option(defaults.RETRIES, help="Prefect retries per position"),
+    retry_delay: float = typer.Option(defaults.RETRY_DELAY_SECONDS, help="seconds between retries"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect and Dask INFO logs too"),
 ) -> None:
     """Filter INPUT into OUTPUT (one task per position)."""
-    from flows.params import SEED_SIGMA_LARGE, SEED_SIGMA_SMALL, ParameterError
+    from flows import runlog
+    from flows.request import ParameterError, RunRequest, sigma_or_fwhm
 
+    runlog.quiet_terminal(verbose)
     try:
-        s_small = _sigmas(sigma_small, fwhm_small, SEED_SIGMA_SMALL, "small")
-        s_large = _sigmas(sigma_large, fwhm_large, SEED_SIGMA_LARGE, "large")
-    except (ParameterError, ValueError) as exc:
+        s_small = sigma_or_fwhm(sigma_small, fwhm_small, "small")
+        s_large = sigma_or_fwhm(sigma_large, fwhm_large, "large")
+    except ParameterError as exc:
         _fail(str(exc))
-    summary = run_flow(
-        input_path, output_path, show_progress=progress, channel=channel, sigma_small=s_small, sigma_large=s_large,
+    request = RunRequest(
+        input_path, output_path, channel=channel,
+        sigma_small=defaults.SEED_SIGMA_SMALL if s_small is None else s_small,
+        sigma_large=defaults.SEED_SIGMA_LARGE if s_large is None else s_large,
         positions=positions, truncate=truncate, mode=mode, output_dtype=output_dtype, overwrite=overwrite,
         force=force, cluster=cluster, retries=retries, retry_delay_seconds=retry_delay,
     )
+    summary = run_flow(request, show_progress=progress)
     typer.echo(
         f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
         f"output: {summary['output_path']} (array '0')"
@@ -183,18 +152,18 @@ def demo(
     cluster: str = typer.Option("local", help="cluster profile"),
 ) -> None:
     """Write a small synthetic 5-D dataset, filter it, and say where the result is."""
+    from flows import runlog
+    from flows.request import RunRequest
     from flows.sample import make_sample
 
+    runlog.quiet_terminal(False)
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     inp, out = wd / "sample.zarr", wd / "sample-dog.zarr"
     arr = make_sample(inp, positions=positions)
     typer.echo(f"dogflow demo: sample dataset {inp} shape {tuple(arr.shape)} uint16")
-    summary = run_flow(
-        str(inp), str(out), channel=0, sigma_small=[1.0, 2.0, 2.0], sigma_large=[3.0, 6.0, 6.0], positions=None,
-        truncate=4.0, mode="nearest", output_dtype="float32", overwrite=True, force=True, cluster=cluster,
-        retries=2, retry_delay_seconds=1.0,
-    )
+    summary = run_flow(RunRequest(str(inp), str(out), sigma_small=[1.0, 2.0, 2.0], sigma_large=[3.0, 6.0, 6.0],
+                                  overwrite=True, force=True, cluster=cluster, retry_delay_seconds=1.0))
     typer.echo(f"dogflow demo: {summary['processed']} positions filtered.")
     typer.echo(f"dogflow demo: output is {out} (OME-Zarr; array '0', shape (P, Z, Y, X) float32)")
     typer.echo(f"dogflow demo: inspect it with `.venv/bin/dogflow status {out}`")
@@ -210,7 +179,7 @@ def plan(
 ) -> None:
     """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
     from flows import clusters
-    from flows.params import ParameterError, parse_positions
+    from flows.request import ParameterError, parse_positions
     from tasks.store import StoreError, open_input
 
     try:

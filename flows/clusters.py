@@ -427,7 +427,7 @@ def build_task_runner(prof: Profile):
 
     import dask
 
-    from flows.params import DEFAULT_ALLOWED_FAILURES
+    from tasks.defaults import ALLOWED_FAILURES as DEFAULT_ALLOWED_FAILURES
 
     dask.config.set({"distributed.scheduler.allowed-failures": DEFAULT_ALLOWED_FAILURES, **prof.dask_config})
     _prepare_directories(prof)

@@ -53,6 +53,18 @@ def sample_volume(shape: tuple[int, int, int], blobs: int, rng: np.random.Genera
     return np.clip(rng.poisson(vol), 0, 65535).astype(np.uint16)
 
 
+def random_volume(shape, dtype="uint16", seed=0, low=None, high=None) -> np.ndarray:
+    """A random volume (tests, benchmarks): integers over the dtype's full range (or [low, high)),
+    floats ~ N(0, 100²). Integers are drawn in their own dtype (no int64 temporary of the volume)."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        info = np.iinfo(dt)
+        lo, hi = (info.min if low is None else low), (info.max + 1 if high is None else high)
+        return rng.integers(lo, hi, size=shape, dtype=dt)
+    return (rng.standard_normal(shape) * 100).astype(dt)
+
+
 # --------------------------------------------------------------------------- the other input layouts
 
 

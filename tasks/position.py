@@ -1,8 +1,8 @@
-"""One position: read ``input[position, channel]``, run the exact DoG, write it into the
-output at ``position``, and only then mark that position complete.
+"""One position: read ``input[position, channel]``, run the filter, write the result into the output at
+``position``, and only then mark that position complete.
 
-The volume goes straight from Zarr to Zarr inside the worker; only a small summary
-travels back through Dask and Prefect.
+The volume goes straight from Zarr to Zarr inside the worker; only a small summary travels back through
+Dask and Prefect.
 """
 
 from __future__ import annotations
@@ -13,31 +13,44 @@ import time
 from typing import Any
 
 import numpy as np
+import zarr
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.params import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS
-from tasks import dog, preview, store
+from tasks import defaults, filters, preview, store
 
 
 class InputChunkError(RuntimeError):
     """An input chunk of the position is missing or cannot be decoded (the message names it)."""
 
 
-def worker_threads() -> int:
-    """FFT threads one task may use: the process's CPUs divided by the tasks that run beside it.
-
-    On a Dask worker with ``nthreads`` task slots, each task gets
-    ``max(1, cpus // nthreads)`` so that the worker never oversubscribes its cores.
-    """
-    cpus = dog.default_threads()
+def _threads_here() -> int:
+    """Engine threads when the flow did not say: this process's CPUs shared by the Dask worker's task slots."""
     try:
         from distributed import get_worker
 
-        slots = max(1, int(get_worker().state.nthreads))
+        slots = int(get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):
         slots = 1
-    return max(1, cpus // slots)
+    return defaults.threads_per_task(slots)
+
+
+def read_volume(src: zarr.Array, input_path: str, position: int, channel: int, allow_missing_chunks: bool) -> np.ndarray:
+    """``src[position, channel]``; a missing chunk is an error unless ``allow_missing_chunks`` (then it reads as
+    the array's fill value, as in Zarr); an unreadable chunk is an error that names the chunk."""
+    if not allow_missing_chunks:
+        missing = store.missing_objects(src, position, channel)
+        if missing:
+            raise InputChunkError(
+                f"position {position}: input chunk {missing[0]} is missing from {input_path}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+    try:
+        return src[position, channel]
+    except Exception as exc:
+        bad = store.find_unreadable_chunk(src, position, channel)
+        where = f"input chunk {bad[0]} of {input_path} cannot be read ({bad[1]})" if bad else f"{type(exc).__name__}: {exc}"
+        raise InputChunkError(f"position {position}: {where}") from exc
 
 
 def process_position(
@@ -48,12 +61,7 @@ def process_position(
     threads: int | None = None,
     allow_missing_chunks: bool = False,
 ) -> dict[str, Any]:
-    """Filter one position end to end and return its summary (never the array).
-
-    A missing input chunk is an error unless ``allow_missing_chunks`` (then it reads
-    as the array's fill value, as in Zarr); an unreadable chunk is an error that
-    names the chunk.
-    """
+    """Filter one position end to end and return its summary (never the array)."""
     p = store.FilterParams.from_dict(params)
     t0 = time.perf_counter()
     src = store.open_input(input_path)
@@ -61,44 +69,23 @@ def process_position(
     fingerprint = store.input_fingerprint(src, position, p.channel)
     # Unmark first: from here until the new marker lands, this position is not complete.
     store.clear_marker(output_path, position)
-    if not allow_missing_chunks:
-        missing = store.missing_objects(src, position, p.channel)
-        if missing:
-            raise InputChunkError(
-                f"position {position}: input chunk {missing[0]} is missing from {input_path}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-    try:
-        volume = src[position, p.channel]
-    except Exception as exc:
-        bad = store.find_unreadable_chunk(src, position, p.channel)
-        where = f"input chunk {bad[0]} of {input_path} cannot be read ({bad[1]})" if bad else f"{type(exc).__name__}: {exc}"
-        raise InputChunkError(f"position {position}: {where}") from exc
-    nthreads = threads or worker_threads()
-    result = dog.difference_of_gaussians(
-        volume, p.sigma_small, p.sigma_large, truncate=p.truncate, mode=p.mode, threads=nthreads
-    )
+    volume = read_volume(src, input_path, position, p.channel, allow_missing_chunks)
+    nthreads = threads or _threads_here()
+    result = filters.FILTERS[defaults.FILTER].apply(volume, p, nthreads)
     store.write_preview(output_path, position, preview.preview_png(volume, result))
     del volume
-    stats = {
-        "min": float(result.min()),
-        "max": float(result.max()),
-        "mean": float(result.mean(dtype=np.float64)),
-    }
-    out = store.open_output_array(output_path)
-    out[position] = store.to_output_dtype(result, p.output_dtype)
+    stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64))}
+    store.open_output_array(output_path)[position] = store.to_output_dtype(result, p.output_dtype)
     del result
-    seconds = time.perf_counter() - t0
     summary = {
         "position": int(position),
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
         **stats,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "threads": nthreads,
     }
-    record = {**store.expected_marker_key(p, fingerprint), **summary, "params": p.as_dict(), "finished": time.time()}
-    store.write_marker(output_path, position, record)
+    store.write_marker(output_path, position, store.marker_record(p, fingerprint, summary))
     return summary
 
 
@@ -107,8 +94,8 @@ filter_position = task(
     process_position,
     name="dog-position",
     task_run_name="position-{position}",
-    retries=DEFAULT_RETRIES,
-    retry_delay_seconds=DEFAULT_RETRY_DELAY_SECONDS,
+    retries=defaults.RETRIES,
+    retry_delay_seconds=defaults.RETRY_DELAY_SECONDS,
     persist_result=False,
     cache_policy=NO_CACHE,
 )

@@ -51,13 +51,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from tasks import defaults, filters
 from tasks.inputs import Dataset, StoreError, open_dataset
 
 __all__ = ["StoreError", "RunLockedError", "FilterParams", "OutputSpec", "MarkerRow", "OutputStatus", "RunLock"]
 
 LAYOUT_VERSION = 2
 NGFF_VERSION = "0.5"
-OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 META_GROUP = "dogflow"
 MARKER_DIR = "positions"
 LOCK_NAME = "run.lock"
@@ -364,7 +365,7 @@ def _multiscale(position: int, spec: OutputSpec) -> dict[str, Any]:
         "axes": [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space", **unit} for a in "zyx"],
         "datasets": datasets,
         "type": "mean",
-        "metadata": {"method": "dogflow.difference_of_gaussians", "downsampling": DOWNSAMPLING},
+        "metadata": {"method": filters.FILTERS[defaults.FILTER].method, "downsampling": DOWNSAMPLING},
     }
 
 

@@ -35,6 +35,31 @@ def assert_exact(result, volume, sigma_small, sigma_large, truncate=4.0, mode="n
     assert err <= tolerance(volume), f"max error {err} > {tolerance(volume)}"
 
 
+def assert_output_exact(out, inp, sigma_small, sigma_large, channel=0, positions=None, truncate=4.0, mode="nearest",
+                        marked=True):
+    """Every selected position of the output ``out`` (all of them by default) is marked complete (unless
+    ``marked=False``) and equals the float64 scipy DoG of ``inp[position, channel]``."""
+    from tasks import store
+
+    src = store.open_input(inp)
+    for p in range(src.shape[0]) if positions is None else positions:
+        if marked:
+            assert store.read_marker(out, p) is not None, f"position {p} has no completion marker"
+        assert_exact(store.read_result(out, p), src[p, channel], sigma_small, sigma_large, truncate, mode)
+
+
+def volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0, chunks=(1, 1, 24, 128, 128)):
+    """A 5-D (positions, 1, z, y, x) uint16 Zarr array of random volumes in [50, 2000) on disk."""
+    import zarr
+
+    from flows.sample import random_volume
+
+    arr = zarr.create_array(str(path), shape=(positions, 1, *shape), chunks=chunks, dtype="uint16")
+    for p in range(positions):
+        arr[p, 0] = random_volume(shape, "uint16", seed + p, 50, 2000)
+    return arr
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real (temporary) Prefect API for the whole session, visible to Dask worker processes too."""
@@ -90,10 +115,24 @@ def run_in_thread(fn):
     return t, result
 
 
-def run_cli(*args, env=None, timeout=240):
-    """Run the real `dogflow` console script."""
+def cli_process(*args, env=None, **popen):
+    """Start the real `dogflow` console script (its own temporary Prefect API, own process group)."""
     exe = Path(sys.executable).parent / "dogflow"
     e = dict(os.environ)
     e.pop("PREFECT_API_URL", None)
     e.update(env or {})
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([str(exe), *map(str, args)], text=True, env=e, start_new_session=True, **popen)
+
+
+def run_cli(*args, env=None, timeout=240):
+    """Run the real `dogflow` console script to its end; a CompletedProcess with its stdout and stderr."""
+    proc = cli_process(*args, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise AssertionError(f"dogflow {' '.join(map(str, args))} did not finish in {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

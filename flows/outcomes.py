@@ -1,0 +1,110 @@
+"""The Dask side of a mapped run: what became of each position's future, the dashboard link, worker logs.
+
+A position's task either reports its own final state to Prefect (completed, or failed after its Prefect
+retries), or Dask gives up on it first: the worker process running it died ``allowed-failures + 1``
+times (out of memory, killed, node lost) and the Dask future ends in error (``KilledWorker``). Nobody
+would then report the task run's final state, so :func:`outcome` marks it Failed with a readable reason;
+it is never left Running.
+
+Everything here uses public APIs: ``PrefectDaskFuture.wrapped_future`` (the ``distributed.Future``) and
+``DaskTaskRunner.client`` of the flow run's task runner.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+
+def error_line(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "unknown error"
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def outcome(fut: Any, position: int, logger: logging.Logger) -> dict[str, Any]:
+    """The task's summary row, or a failure row whose error is one readable line."""
+    fut.wait()
+    line = _dask_gave_up(fut, position)
+    if line is None:
+        if fut.state.is_completed():
+            return {**fut.result(), "status": "completed"}
+        err = fut.result(raise_on_failure=False)
+        line = error_line(err if isinstance(err, BaseException) else None)
+    logger.error("position %d failed for good: %s", position, line)
+    log_worker_logs(logger)
+    return {"position": position, "status": "failed", "error": line}
+
+
+def _dask_gave_up(fut: Any, position: int) -> Optional[str]:
+    """If Dask itself gave up on the task, mark its task run Failed and return the reason; else None.
+
+    A task that ran to its end returns a Prefect state, so its Dask future is ``finished``; only a task
+    Dask could not run to the end has a future in ``error`` (or ``cancelled``).
+    """
+    dask_future = fut.wrapped_future
+    if dask_future.status not in ("error", "cancelled"):
+        return None
+    try:
+        exc = dask_future.exception(timeout=5) if dask_future.status == "error" else None
+    except Exception as e:  # cancelled futures raise here
+        exc = e
+    if type(exc).__name__ == "KilledWorker":
+        allowed = getattr(exc, "allowed_failures", None)
+        if allowed is None:  # older distributed: the flow process's setting is the best guess
+            import dask
+
+            allowed = dask.config.get("distributed.scheduler.allowed-failures")
+        line = (f"position {position}: the Dask worker running it died {allowed + 1} times "
+                f"(allowed-failures={allowed}; out of memory, killed, or node lost) - see the worker logs below")
+    else:
+        line = f"position {position}: Dask lost the task ({error_line(exc)})"
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(fut.task_run_id, Failed(message=line), force=True)
+    return line
+
+
+def dask_client() -> Any:
+    """The Dask client of the current flow run's DaskTaskRunner (None outside one)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None)
+    try:
+        return runner.client if runner is not None and hasattr(type(runner), "client") else None
+    except Exception:
+        return None
+
+
+def log_dashboard(logger: logging.Logger) -> None:
+    """Log the Dask dashboard link and save it as the ``dask-dashboard`` link artifact."""
+    client = dask_client()
+    if client is None:
+        return
+    link = client.dashboard_link
+    logger.info("Dask scheduler %s, dashboard %s", client.scheduler.address, link)
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(link=link, link_text="Dask dashboard", key="dask-dashboard")
+    except Exception as exc:  # the dashboard link is informative, never fatal
+        logger.debug("no dashboard artifact: %s", exc)
+
+
+def log_worker_logs(logger: logging.Logger, lines: int = 30) -> None:
+    """Copy the workers' last log lines into the run's log (after a position failed for good)."""
+    client = dask_client()
+    if client is None:
+        return
+    try:
+        logs = client.get_worker_logs(n=lines)
+    except Exception as exc:
+        logger.warning("could not fetch worker logs: %s", exc)
+        return
+    for worker, entries in logs.items():
+        text = "\n".join(msg for _, msg in entries)
+        logger.info("last %d log lines of worker %s:\n%s", lines, worker, text)

@@ -1,0 +1,119 @@
+"""What a run shows about itself: Prefect artifacts (progress, per-position summary table, MIP preview)
+and the progress of this process's run for a terminal progress bar.
+
+Artifacts
+    ``dog-filter-progress``  progress artifact, updated as positions finish
+    ``dog-filter-summary``   markdown table: position, status, seconds, host, SLURM job, min/max/mean
+    ``dog-filter-preview``   markdown with the input MIP next to the DoG MIP (PNG as a data URI)
+
+Progress listeners
+    :func:`listening` registers a callable ``(done, total)`` that :class:`Progress` calls as positions
+    finish in this process (the CLI draws its progress bar from it: no polling of the output).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from typing import Any, Callable, Iterator
+
+from tasks import store
+
+_LISTENERS: list[Callable[[int, int], None]] = []
+
+
+@contextlib.contextmanager
+def listening(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``callback(done, total)`` whenever a position of a run in this process finishes."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
+
+
+def announce(done: int, total: int) -> None:
+    for callback in list(_LISTENERS):
+        callback(done, total)
+
+
+class Progress:
+    """The ``dog-filter-progress`` artifact plus this process's listeners. ``total`` counts the selected
+    positions; those already complete count as done from the start."""
+
+    def __init__(self, total: int, already_done: int, to_do: int):
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done, self.to_do, self.finished = total, already_done, to_do, 0
+        self.artifact = create_progress_artifact(
+            progress=self._percent(), key="dog-filter-progress", description=f"{to_do} of {total} positions to filter"
+        )
+        announce(self.done, self.total)
+
+    def _percent(self) -> float:
+        return 100.0 * self.finished / self.to_do if self.to_do else 100.0
+
+    def step(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += 1
+        self.finished += 1
+        update_progress_artifact(self.artifact, progress=self._percent())
+        announce(self.done, self.total)
+
+
+def preview_artifact(output_path: str, position: int) -> None:
+    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | DoG MIP)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    png = store.preview_path(output_path, position)
+    if not png.exists():
+        return
+    data = base64.b64encode(png.read_bytes()).decode()
+    create_markdown_artifact(
+        key="dog-filter-preview",
+        markdown=(
+            f"# Position {position}: max-intensity projection along z\n\n"
+            f"Left: input. Right: Difference of Gaussians. File: `{png}`\n\n"
+            f"![position {position} preview](data:image/png;base64,{data})"
+        ),
+        description=f"MIP preview of position {position}",
+    )
+
+
+def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> str:
+    done = sum(r["status"] == "completed" for r in rows)
+    failed = [r for r in rows if r["status"] != "completed"]
+    lines = [
+        "# dog-filter summary",
+        "",
+        f"- input: `{input_path}`",
+        f"- output: `{output_path}`",
+        f"- processed: **{done}**, skipped (complete and unchanged): **{skipped}**, failed: **{len(failed)}**",
+        "",
+        "| position | status | seconds | host | SLURM job | min | max | mean |",
+        "|---:|---|---:|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["status"] == "completed":
+            lines.append(
+                f"| {r['position']} | completed | {r['seconds']:.1f} | {r['host']} | {r.get('slurm_job_id') or '-'} "
+                f"| {r['min']:.4g} | {r['max']:.4g} | {r['mean']:.4g} |"
+            )
+        else:
+            lines.append(f"| {r['position']} | **failed**: {r.get('error', '')} | | | | | | |")
+    return "\n".join(lines)
+
+
+def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> None:
+    """The summary table artifact, and the preview of the middle completed position."""
+    from prefect.artifacts import create_markdown_artifact
+
+    done_rows = [r for r in rows if r["status"] == "completed"]
+    if done_rows:
+        preview_artifact(output_path, done_rows[len(done_rows) // 2]["position"])
+    create_markdown_artifact(
+        markdown=summary_markdown(input_path, output_path, skipped, rows),
+        key="dog-filter-summary",
+        description="dog-filter: per-position results",
+    )

@@ -1,0 +1,43 @@
+"""dogflow's defaults, each stated once. The CLI, the flow, the deployments and the docs import them from here.
+
+Filter
+    The seed script's Gaussians: σ_small = 50/2.35 and σ_large = 200/2.35 voxels (FWHM 50 and 200 voxels,
+    written with 2.35 for 2·sqrt(2·ln 2) as the seed did), ``truncate=4.0`` and ``mode="nearest"``
+    (scipy.ndimage semantics), float32 output.
+
+Failure budget of one position (see README "Retries")
+    - Prefect retries: an exception inside the task (I/O error, corrupt chunk) is retried ``RETRIES``
+      times, ``RETRY_DELAY_SECONDS`` apart, on the same worker.
+    - Dask rescheduling: if the worker process dies while running the task (OOM kill, node failure,
+      scancel, walltime), the scheduler re-runs the task on another worker, until it has killed
+      ``ALLOWED_FAILURES + 1`` workers; then the position fails for good.
+    The worst case for one position is ``(ALLOWED_FAILURES + 1) * (RETRIES + 1)`` attempts.
+
+Threads
+    How many threads the engine may use is decided in one place per situation: the cluster profile
+    states the threads of each task (``flows.clusters``); without one, a task on a Dask worker takes
+    :func:`threads_per_task` of the process's CPUs (``tasks.dog.default_threads``).
+"""
+
+from __future__ import annotations
+
+from tasks import dog
+
+FILTER = "dog"
+SEED_SIGMA_SMALL = 50 / 2.35
+SEED_SIGMA_LARGE = 200 / 2.35
+TRUNCATE = 4.0
+MODE = "nearest"
+MODES = dog.MODES
+OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPE = "float32"
+CLUSTER = "local"
+
+RETRIES = 2
+RETRY_DELAY_SECONDS = 10.0
+ALLOWED_FAILURES = 2
+
+
+def threads_per_task(slots: int = 1) -> int:
+    """Engine threads of one task when ``slots`` tasks share this process's CPUs: ``max(1, cpus // slots)``."""
+    return max(1, dog.default_threads() // max(1, int(slots)))
