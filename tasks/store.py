@@ -646,10 +646,6 @@ def status(out: str | os.PathLike) -> OutputStatus:
 # =========================================================================== run lock
 
 
-class RunLockedError(StoreError):
-    pass
-
-
 class RunLock:
     """An exclusive, crash-safe lock on one output store.
 

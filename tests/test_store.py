@@ -162,15 +162,16 @@ def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_p
     g = zarr.open_group(str(v1), mode="w")
     g.create_array("0", shape=(2, 4, 12, 10), chunks=(1, 4, 12, 10), dtype="float32")
     g.attrs["dogflow"] = {"layout_version": 1, "params": {}, "shape": [2, 4, 12, 10]}
-    (v1 / "dogflow" / "positions").mkdir(parents=True)
-    (v1 / "dogflow" / "positions" / "000000.json").write_text("{}")
+    v1_markers = store.marker_path(v1, 0, 0).parents[1]  # layout 1 kept one marker file per position here
+    v1_markers.mkdir(parents=True)
+    (v1_markers / "000000.json").write_text("{}")
     with pytest.raises(store.StoreError) as info:
         store.check_output(v1, spec, False)
     msg = str(info.value)
     assert "old layout 1" in msg and "--overwrite" in msg and "new output path" in msg and "\n" not in msg
     store.prepare_output(v1, spec, overwrite=True)
     assert store.read_provenance(v1)["layout_version"] == 2 and store.open_level(v1, 1).shape == (2, 4, 12, 10)
-    assert not list((v1 / "dogflow" / "positions").iterdir())
+    assert not list(v1_markers.iterdir())
 
 
 def test_params_digest_does_not_depend_on_channels_and_channels_accumulate(tmp_path):
@@ -218,7 +219,7 @@ def test_status_rows_per_position_and_channel(tmp_path):
 
 def test_run_log_path(tmp_path):
     out = tmp_path / "o.zarr"
-    assert store.run_log_path(out, "brave-fox") == out / "dogflow" / "logs" / "brave-fox-local.log"
+    assert store.run_log_path(out, "brave-fox") == out / store.META_GROUP / store.LOG_DIR / "brave-fox-local.log"
     assert store.run_log_path(out, "run", "42").name == "run-42.log"
     assert store.run_log_path(out, "x", folder=tmp_path / "L") == tmp_path / "L" / "x-local.log"
 
