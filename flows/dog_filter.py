@@ -106,6 +106,9 @@ def filter_positions(
     rows = []
     for fut in as_completed(futures):
         rows.append(outcomes.outcome(fut, position_of[fut.task_run_id], logger))
+        # Let Dask forget the finished task: a result it still held for us on a worker that dies later would
+        # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
+        fut.wrapped_future.release()
         progress.step()
     return sorted(rows, key=lambda r: r["position"])
 
