@@ -50,10 +50,10 @@ def make_dataset(path: Path, positions: int, shape: tuple[int, int, int]) -> Non
 
 def _child(kind: str, inp: str, threads: int, out: str) -> None:
     """Runs in a fresh process: best-of-2 seconds of the engine alone or of process_position."""
-    from tasks import defaults, dog, position, store
+    from tasks import defaults, dog, position
+    from tasks.inputs import open_dataset
 
-    src = store.open_input(inp)
-    vol = src[0, 0]
+    vol = open_dataset(inp).read(0, 0)
     times = []
     for rep in range(3):  # the first one warms up (imports, plans, page cache)
         t = time.perf_counter()
@@ -80,7 +80,7 @@ def plain(kind: str, inp: Path, threads: int, env: dict | None = None) -> dict:
             from tasks import store
 
             spec = RunRequest(str(inp), str(out)).validate()
-            store.prepare_output(out, spec.params, spec.input_shape)
+            store.prepare_output(out, spec.output, channels=spec.channels)
         cmd = [sys.executable, __file__, "--child", kind, str(inp), str(threads), str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=True)
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -139,7 +139,7 @@ def flow_run(inp: Path, out: Path, positions: str, cluster: str) -> dict:
     watch.join()
     if proc.returncode != 0:
         raise SystemExit(f"dogflow run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    markers = [m for m in (store.read_marker(out, p) for p in range(store.open_input(inp).shape[0])) if m]
+    markers = [store.read_marker(out, p, c) for p, c in store.marked(out)]
     fresh = [m for m in markers if m["finished"] >= t]
     row = {"wall": wall, "tasks": len(fresh), "stdout": stdout.strip(), "stderr_lines": len(stderr.splitlines())}
     if fresh:

@@ -75,12 +75,16 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
 
 @app.command()
 def run(
-    input_path: str = typer.Argument(..., metavar="INPUT", help="5-D Zarr array (or OME-Zarr group) to filter"),
+    input_path: str = typer.Argument(..., metavar="INPUT",
+                                     help="5-D Zarr array, OME-Zarr image, bioformats2raw root or dogflow output"),
     output_path: str = typer.Argument(..., metavar="OUTPUT", help="OME-Zarr group to create or update"),
-    channel: int = typer.Option(0, "--channel", "-c", help="channel to filter"),
-    sigma_small: Optional[str] = typer.Option(None, help="small σ in voxels: 2.0 or z,y,x like 1,3,3 [default 50/2.35]"),
-    sigma_large: Optional[str] = typer.Option(None, help="large σ in voxels [default 200/2.35]"),
-    fwhm_small: Optional[str] = typer.Option(None, help="small Gaussian as FWHM (σ = FWHM/2.3548)"),
+    channel: int = typer.Option(0, "--channel", "-c", help="channel to filter (when --channels is not given)"),
+    channels: Optional[str] = typer.Option(None, help="channels to filter: 0,2 or all [default: --channel]"),
+    voxel_size: Optional[str] = typer.Option(None, help="voxel size z,y,x in µm (or with a unit) for inputs without it"),
+    sigma_small: Optional[str] = typer.Option(
+        None, help="small σ: voxels (2.0, or z,y,x like 1,3,3) or a length (0.5um, 1,2,2um) [default 50/2.35 voxels]"),
+    sigma_large: Optional[str] = typer.Option(None, help="large σ, likewise [default 200/2.35 voxels]"),
+    fwhm_small: Optional[str] = typer.Option(None, help="small Gaussian as FWHM (σ = FWHM/2.3548), voxels or a length"),
     fwhm_large: Optional[str] = typer.Option(None, help="large Gaussian as FWHM"),
     positions: Optional[str] = typer.Option(None, help="positions, e.g. 0-9,15 [default: all]"),
     cluster: str = typer.Option(defaults.CLUSTER, help="cluster profile name (shipped profiles) or YAML path"),
@@ -109,7 +113,7 @@ def run(
             temporary_api.stop()
         _fail(str(exc))
     request = RunRequest(
-        input_path, output_path, channel=channel,
+        input_path, output_path, channel=channel, channels=channels, voxel_size=voxel_size,
         sigma_small=defaults.SEED_SIGMA_SMALL if s_small is None else s_small,
         sigma_large=defaults.SEED_SIGMA_LARGE if s_large is None else s_large,
         positions=positions, truncate=truncate, mode=mode, output_dtype=output_dtype, overwrite=overwrite,
@@ -118,7 +122,7 @@ def run(
     summary = run_flow(request, show_progress=progress, temporary_api=temporary_api)
     typer.echo(
         f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
-        f"output: {summary['output_path']} (array '0')"
+        f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
     )
 
 
@@ -145,7 +149,7 @@ def demo(
                                   overwrite=True, force=True, cluster=cluster, retry_delay_seconds=1.0),
                        temporary_api=temporary_api)
     typer.echo(f"dogflow demo: {summary['processed']} positions filtered.")
-    typer.echo(f"dogflow demo: output is {out} (OME-Zarr; array '0', shape (P, Z, Y, X) float32)")
+    typer.echo(f"dogflow demo: output is {out} (OME-Zarr; position P is array 'P/0', shape (C, Z, Y, X) float32)")
     typer.echo(f"dogflow demo: inspect it with `.venv/bin/dogflow status {out}`")
 
 
@@ -159,22 +163,21 @@ def plan(
 ) -> None:
     """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
     from flows import clusters
-    from flows.request import ParameterError, parse_positions
+    from flows.request import ParameterError, parse_channels, parse_positions
     from tasks import filters
-    from tasks.store import StoreError, open_input
+    from tasks.inputs import StoreError, open_dataset
 
     try:
-        arr = open_input(input_path)
-        if not 0 <= channel < arr.shape[1]:
-            raise ParameterError(f"channel {channel} out of range: the input has {arr.shape[1]} channels")
-        pos = parse_positions(positions, arr.shape[0])
+        ds = open_dataset(input_path)
+        parse_channels(None, ds.n_channels, channel)
+        pos = parse_positions(positions, ds.n_positions)
         prof = clusters.load_profile(cluster)
-        prof.check_memory(filters.memory_per_task(filters.FILTERS[defaults.FILTER], tuple(arr.shape[2:]), arr.dtype,
-                                                  output_dtype))
+        prof.check_memory(filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, output_dtype))
         lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
-    typer.echo(f"input: {input_path} shape {tuple(arr.shape)} {arr.dtype}")
+    typer.echo(f"input: {input_path} ({ds.layout}) positions {ds.n_positions}, channels {ds.n_channels}, "
+               f"(z, y, x) {ds.shape} {ds.dtype}")
     typer.echo(f"positions: {len(pos)}")
     for line in lines:
         typer.echo(line)
@@ -182,39 +185,35 @@ def plan(
 
 @app.command()
 def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
-    """List which positions of OUTPUT are complete, missing or stale, and the parameters behind them."""
+    """List which (position, channel) of OUTPUT are complete, missing or stale, and the parameters behind them."""
     from tasks import store
 
-    prov = store.read_provenance(output_path) if store.output_exists(output_path) else None
-    if prov is None:
-        _fail(f"not a dogflow output: {output_path}")
-    params = store.FilterParams.from_dict(prov["params"])
-    P = prov["shape"][0]
-    typer.echo(f"output: {output_path}  shape {tuple(prov['shape'])}  dogflow {prov.get('version')}")
-    for k, v in params.as_dict().items():
-        typer.echo(f"  {k}: {v}")
     try:
-        src = store.open_input(params.input_path)
+        st = store.status(output_path)
     except store.StoreError as exc:
-        src = None
-        typer.echo(f"  (input unavailable: {exc}; staleness not checked)")
-    checked = store.scan_positions(output_path, src, params, range(min(P, src.shape[0]))) if src is not None else {}
-    counts = {"complete": 0, "missing": 0, "stale": 0}
-    for p in range(P):
-        if p in checked:
-            st, marker, expected = checked[p]
-            why = f" ({store.stale_reason(marker, expected)})" if st == "stale" else ""
-        else:  # input unavailable: only the marker can be read
-            marker = store.read_marker(output_path, p)
-            st, why = ("complete" if marker else "missing"), ""
-        counts[st] += 1
-        if marker:
-            sig = f"σ {marker['params']['sigma_small']} / {marker['params']['sigma_large']}"
-            typer.echo(f"{p:6d}  {st + why:<24s}  {sig}  {marker.get('seconds', 0):.1f}s on {marker.get('host')}"
-                       + (f" job {marker['slurm_job_id']}" if marker.get("slurm_job_id") else ""))
-        else:
-            typer.echo(f"{p:6d}  {st}")
-    typer.echo(f"{counts['complete']} complete, {counts['missing']} missing, {counts['stale']} stale (of {P})")
+        _fail(str(exc))
+    prov = st.provenance
+    typer.echo(f"output: {output_path}  (P, C, Z, Y, X) {tuple(prov['shape'])}  levels {len(prov['levels'])}  "
+               f"dogflow {prov.get('version')}, layout {prov['layout_version']}")
+    for k, v in st.params.as_dict().items():
+        typer.echo(f"  {k}: {v}")
+    for k in ("sigma_small_um", "sigma_large_um"):
+        if k in prov["params"]:
+            typer.echo(f"  {k}: {prov['params'][k]}")
+    typer.echo(f"  voxel_size: {prov.get('voxel_size')} {prov.get('unit') or ''}".rstrip())
+    if st.input_problem:
+        typer.echo(f"  (input unavailable: {st.input_problem}; staleness not checked)")
+    typer.echo("position  channel  state")
+    for r in st.rows:
+        state = f"{r.state} ({r.reason})" if r.reason else r.state
+        m = r.marker
+        line = f"{r.position:8d}  {r.channel:7d}  {state:<24s}"
+        if m:
+            line += (f"  σ {m['params']['sigma_small']} / {m['params']['sigma_large']}  {m.get('seconds', 0):.1f}s on "
+                     f"{m.get('host')}" + (f" job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""))
+        typer.echo(line.rstrip())
+    c = st.counts()
+    typer.echo(f"{c['complete']} complete, {c['missing']} missing, {c['stale']} stale (of {len(st.rows)})")
 
 
 def main() -> None:

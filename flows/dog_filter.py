@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from flows import clusters, outcomes, reports, runlog
 from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
 from tasks import defaults, store
+from tasks.inputs import open_dataset
 from tasks.position import filter_position
 
 
@@ -31,6 +32,8 @@ def dog_filter(
     input_path: str,
     output_path: str,
     channel: int = 0,
+    channels: Union[str, list[int], None] = None,
+    voxel_size: Union[str, list[float], None] = None,
     sigma_small: Sigma = defaults.SEED_SIGMA_SMALL,
     sigma_large: Sigma = defaults.SEED_SIGMA_LARGE,
     positions: Union[str, list[int], None] = None,
@@ -44,14 +47,19 @@ def dog_filter(
     retry_delay_seconds: float = defaults.RETRY_DELAY_SECONDS,
     allow_missing_chunks: bool = False,
 ) -> dict[str, Any]:
-    """Exact 3-D Difference of Gaussians of every position of a 5-D Zarr dataset.
+    """Exact 3-D Difference of Gaussians of every position (and selected channels) of a microscopy Zarr dataset.
 
     Args:
-        input_path: 5-D (position, channel, z, y, x) Zarr array, or an OME-Zarr group (array "0" is used).
-        output_path: OME-Zarr group to create or update; the result is its array "0", shape (P, Z, Y, X).
-        channel: Channel index to filter.
-        sigma_small: Sigma of the small Gaussian in voxels: one number, or 3 numbers (z, y, x).
-        sigma_large: Sigma of the large Gaussian in voxels (larger than sigma_small on every axis).
+        input_path: A 5-D (position, channel, z, y, x) Zarr array, an OME-Zarr image (NGFF 0.4/0.5), a
+            bioformats2raw root (each series is a position) or a dogflow output.
+        output_path: OME-Zarr (NGFF 0.5) group to create or update: one image per position, "P/0" is position
+            P at full resolution, shape (C, Z, Y, X), "P/1", ... its 2x-downsampled levels.
+        channel: Channel to filter when channels is empty.
+        channels: Channels to filter: "0,2", "all", or a list; empty for channel.
+        voxel_size: Voxel size z,y,x in µm ("2,0.406,0.406", or with a unit) for inputs without NGFF metadata.
+        sigma_small: Sigma of the small Gaussian: in voxels (one number or z,y,x), or a length with a unit
+            ("0.5um", "1,2,2um") converted with the voxel size.
+        sigma_large: Sigma of the large Gaussian, likewise (larger than sigma_small on every axis).
         positions: Positions to filter: empty for all, a range string such as "0-9,15", or a list.
         truncate: Kernel radius in sigmas (scipy semantics: radius = int(truncate * sigma + 0.5)).
         mode: Edge mode, as in scipy.ndimage (nearest = edge replication).
@@ -87,18 +95,22 @@ def filter_positions(
     retry_delay_seconds: float = defaults.RETRY_DELAY_SECONDS,
     allow_missing_chunks: bool = False,
     already_done: int = 0,
+    channels: Optional[list[list[int]]] = None,
 ) -> list[dict[str, Any]]:
-    """Map :func:`tasks.position.filter_position` over ``positions`` on this flow's task runner."""
+    """Map :func:`tasks.position.filter_position` over ``positions`` (with their ``channels``) on this flow's task runner."""
     logger = get_run_logger()
     task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
-                       unmapped(allow_missing_chunks))
+                       unmapped(allow_missing_chunks), channels or [[0]] * len(positions))
     outcomes.log_dashboard(logger)  # the runner's Dask client exists once the first task is submitted
     position_of = {f.task_run_id: p for f, p in zip(futures, positions)}
     progress = reports.Progress(total=already_done + len(positions), already_done=already_done, to_do=len(positions))
     rows = []
     for fut in as_completed(futures):
         rows.append(outcomes.outcome(fut, position_of[fut.task_run_id], logger))
+        # Let Dask forget the finished task: a result it still held for us on a worker that dies later would
+        # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
+        fut.wrapped_future.release()
         progress.step()
     return sorted(rows, key=lambda r: r["position"])
 
@@ -119,32 +131,36 @@ def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
         raise
 
 
-def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[list[int], int]:
-    """Create or open the output (re-checked under the lock) and find the positions that are not complete."""
-    out = store.prepare_output(spec.output_path, spec.params, spec.input_shape, overwrite=spec.request.overwrite)
-    states = store.scan_positions(spec.output_path, store.open_input(spec.input_path), spec.params, spec.positions)
-    pending = list(spec.positions) if spec.request.force else [p for p, (s, _, _) in states.items() if s != "complete"]
-    stale = {p: store.stale_reason(m, e) for p, (s, m, e) in states.items() if s == "stale"}
+def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
+    """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
+    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+    rows = store.scan(spec.output_path, open_dataset(spec.input_path), spec.params, spec.positions, spec.channels)
+    pending: dict[int, list[int]] = {}
+    for r in rows:
+        if spec.request.force or r.state != "complete":
+            pending.setdefault(r.position, []).append(r.channel)
+    stale = [r for r in rows if r.state == "stale"]
     skipped = len(spec.positions) - len(pending)
     logger.info(
-        "%d position(s) selected of %d: %d to filter (%d stale), %d complete and unchanged; output %s, shape %s; "
-        "cluster %s; ~%.2f GiB per task",
-        len(spec.positions), spec.input_shape[0], len(pending), len(stale), skipped, spec.output_path,
-        tuple(out.shape), spec.profile.source, spec.need_bytes / 2**30,
+        "%d position(s) selected of %d, channels %s: %d to filter (%d channel(s) stale), %d complete and unchanged; "
+        "output %s, (P, C, Z, Y, X) %s; cluster %s; ~%.2f GiB per task",
+        len(spec.positions), spec.input_shape[0], list(spec.channels), len(pending), len(stale), skipped,
+        spec.output_path, spec.input_shape, spec.profile.source, spec.need_bytes / 2**30,
     )
-    for p, why in stale.items():
-        logger.info("position %d is stale: %s", p, why)
+    for r in stale:
+        logger.info("position %d channel %d is stale: %s", r.position, r.channel, r.reason)
     return pending, skipped
 
 
-def _map(spec: RunSpec, pending: list[int], skipped: int) -> list[dict[str, Any]]:
+def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dict[str, Any]]:
     """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending)."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
         return []
     return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
-        spec.input_path, spec.output_path, pending, spec.params.as_dict(), spec.profile.threads_per_task(),
+        spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), spec.profile.threads_per_task(),
         spec.request.retries, spec.request.retry_delay_seconds, spec.request.allow_missing_chunks, skipped,
+        list(pending.values()),
     )
 
 

@@ -3,7 +3,7 @@ and the progress of this process's run for a terminal progress bar.
 
 Artifacts
     ``dog-filter-progress``  progress artifact, updated as positions finish
-    ``dog-filter-summary``   markdown table: position, status, seconds, host, SLURM job, min/max/mean
+    ``dog-filter-summary``   markdown table: position, channels, status, seconds, host, SLURM job, min/max/mean
     ``dog-filter-preview``   markdown with the input MIP next to the DoG MIP (PNG as a data URI)
 
 Progress listeners
@@ -62,18 +62,18 @@ class Progress:
         announce(self.done, self.total)
 
 
-def preview_artifact(output_path: str, position: int) -> None:
+def preview_artifact(output_path: str, position: int, channel: int) -> None:
     """A markdown artifact embedding the preview PNG that the task wrote (input MIP | DoG MIP)."""
     from prefect.artifacts import create_markdown_artifact
 
-    png = store.preview_path(output_path, position)
+    png = store.preview_path(output_path, position, channel)
     if not png.exists():
         return
     data = base64.b64encode(png.read_bytes()).decode()
     create_markdown_artifact(
         key="dog-filter-preview",
         markdown=(
-            f"# Position {position}: max-intensity projection along z\n\n"
+            f"# Position {position}, channel {channel}: max-intensity projection along z\n\n"
             f"Left: input. Right: Difference of Gaussians. File: `{png}`\n\n"
             f"![position {position} preview](data:image/png;base64,{data})"
         ),
@@ -91,17 +91,17 @@ def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list
         f"- output: `{output_path}`",
         f"- processed: **{done}**, skipped (complete and unchanged): **{skipped}**, failed: **{len(failed)}**",
         "",
-        "| position | status | seconds | host | SLURM job | min | max | mean |",
-        "|---:|---|---:|---|---|---:|---:|---:|",
+        "| position | channels | status | seconds | host | SLURM job | min | max | mean |",
+        "|---:|---|---|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] == "completed":
             lines.append(
-                f"| {r['position']} | completed | {r['seconds']:.1f} | {r['host']} | {r.get('slurm_job_id') or '-'} "
+                f"| {r['position']} | {','.join(map(str, r['channels']))} | completed | {r['seconds']:.1f} | {r['host']} | {r.get('slurm_job_id') or '-'} "
                 f"| {r['min']:.4g} | {r['max']:.4g} | {r['mean']:.4g} |"
             )
         else:
-            lines.append(f"| {r['position']} | **failed**: {r.get('error', '')} | | | | | | |")
+            lines.append(f"| {r['position']} | | **failed**: {r.get('error', '')} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -111,7 +111,8 @@ def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[
 
     done_rows = [r for r in rows if r["status"] == "completed"]
     if done_rows:
-        preview_artifact(output_path, done_rows[len(done_rows) // 2]["position"])
+        middle = done_rows[len(done_rows) // 2]
+        preview_artifact(output_path, middle["position"], middle["channels"][0])
     create_markdown_artifact(
         markdown=summary_markdown(input_path, output_path, skipped, rows),
         key="dog-filter-summary",

@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from flows import clusters
+from flows import clusters, units
 from tasks import defaults, filters
-from tasks.store import FilterParams, StoreError, check_output, open_input
-
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548...
+from tasks.inputs import Dataset, open_dataset
+from tasks.store import FilterParams, OutputSpec, StoreError, check_output
 
 Sigma = Union[float, list[float], str]
 
@@ -38,36 +37,45 @@ class ParameterError(ValueError):
 # --------------------------------------------------------------------------- parsers
 
 
-def parse_sigma(value: Any, name: str = "sigma") -> tuple[float, float, float]:
-    """``2.0``, ``"2.0"``, ``"1,3,3"`` or ``[1, 3, 3]`` -> (σz, σy, σx)."""
-    if isinstance(value, str):
-        parts: list[Any] = [s for s in re.split(r"[,\s]+", value.strip().strip("[]()")) if s]
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        parts = [value]
-    elif isinstance(value, Sequence):
-        parts = list(value)
-    else:
-        raise ParameterError(f"{name} must be a number or 3 numbers (z,y,x), got {value!r}")
-    try:
-        vals = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number or 3 numbers (z,y,x), got {value!r}") from None
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3:
-        raise ParameterError(f"{name} needs 1 or 3 values (z,y,x), got {len(vals)}: {value!r}")
-    if not all(math.isfinite(v) and v > 0 for v in vals):
-        raise ParameterError(f"{name} must be > 0 and finite on every axis, got {value!r}")
-    return (vals[0], vals[1], vals[2])
-
-
 def sigma_or_fwhm(sigma: Any, fwhm: Any, name: str) -> Any:
-    """The σ of a Gaussian given either as σ or as FWHM (σ = FWHM / 2·sqrt(2·ln 2)); None if neither."""
+    """The σ of a Gaussian given either as σ or as FWHM (σ = FWHM / 2·sqrt(2·ln 2)), in the same form
+    (voxels, or a string with the FWHM's unit); None if neither."""
     if sigma is not None and fwhm is not None:
         raise ParameterError(f"give --sigma-{name} or --fwhm-{name}, not both")
     if fwhm is None:
         return sigma
-    return [v / FWHM_PER_SIGMA for v in parse_sigma(fwhm, f"fwhm_{name}")]
+    try:
+        return units.fwhm_as_sigma(fwhm, f"fwhm_{name}")
+    except units.UnitError as exc:
+        raise ParameterError(str(exc)) from None
+
+
+def parse_channels(spec: Any, n_channels: int, default: Any = 0) -> list[int]:
+    """``"0,2"``, ``[0, 2]``, ``2`` or ``"all"`` -> those channels (ascending); ``None`` -> ``[default]``."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        items: list[Any] = [default]
+    elif isinstance(spec, str) and spec.strip().lower() in ("all", "*"):
+        return list(range(n_channels))
+    elif isinstance(spec, str):
+        items = [s for s in re.split(r"[,\s]+", spec.strip().strip("[]")) if s]
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        items = [spec]
+    elif isinstance(spec, Sequence):
+        items = list(spec)
+    else:
+        raise ParameterError(f"channels must be a list, 'all' or a string like '0,2', got {spec!r}")
+    out = set()
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            out.add(item if isinstance(item, int) else int(str(item).strip()))
+        except ValueError:
+            raise ParameterError(f"channel must be an integer, got {item!r}") from None
+    bad = sorted(c for c in out if not 0 <= c < n_channels)
+    if bad:
+        raise ParameterError(f"channel {bad[0]} out of range: the input has {n_channels} channels (0-{n_channels - 1})")
+    return sorted(out)
 
 
 def parse_positions(spec: Any, n_positions: int) -> list[int]:
@@ -118,6 +126,8 @@ class RunRequest:
     input_path: str
     output_path: str
     channel: int = 0
+    channels: Union[str, list[int], None] = None
+    voxel_size: Union[str, list[float], None] = None
     sigma_small: Sigma = defaults.SEED_SIGMA_SMALL
     sigma_large: Sigma = defaults.SEED_SIGMA_LARGE
     positions: Union[str, list[int], None] = None
@@ -137,41 +147,50 @@ class RunRequest:
 
     def validate(self) -> "RunSpec":
         """Check every parameter, the stores, the cluster profile and the memory plan; write nothing."""
-        s_small, s_large = self._sigmas()
         truncate = self._truncate()
         self._choices()
         in_abs, out_abs = self._paths()
         if self.retries < 0 or self.retry_delay_seconds < 0:
             raise ParameterError("retries and retry_delay_seconds must be >= 0")
         try:
-            arr = open_input(in_abs)
+            ds = open_dataset(in_abs)
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
-        shape = tuple(int(s) for s in arr.shape)
-        channel = self._channel(shape[1])
-        if shape[0] == 0:
+        voxel, (s_small, s_large) = self._sigmas(ds)
+        channels = parse_channels(self.channels, ds.n_channels, self.channel)
+        if ds.n_positions == 0:
             raise ParameterError(f"input has no positions: {self.input_path}")
-        positions = parse_positions(self.positions, shape[0])
-        params = FilterParams(input_path=in_abs, channel=channel, sigma_small=s_small, sigma_large=s_large,
+        positions = parse_positions(self.positions, ds.n_positions)
+        params = FilterParams(input_path=in_abs, sigma_small=s_small.voxels, sigma_large=s_large.voxels,
                               truncate=truncate, mode=self.mode, output_dtype=self.output_dtype)
+        physical = {f"{n}_um": list(s.micrometers) for n, s in (("sigma_small", s_small), ("sigma_large", s_large))
+                    if s.micrometers is not None}
+        output = OutputSpec.for_dataset(params, ds, voxel.values if voxel else None, voxel.unit if voxel else None,
+                                        physical=physical)
         try:
-            check_output(out_abs, params, shape, self.overwrite)
+            check_output(out_abs, output, self.overwrite)
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
-        need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], shape[2:], arr.dtype, self.output_dtype)
+        need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, self.output_dtype)
         profile = _profile(self.cluster, need)
-        return RunSpec(self, in_abs, out_abs, shape, str(arr.dtype), tuple(positions), params, profile, need)
+        return RunSpec(self, in_abs, out_abs, (ds.n_positions, ds.n_channels, *ds.shape), str(ds.dtype),
+                       tuple(positions), tuple(channels), params, output, profile, need)
 
-    def _sigmas(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        s_small = parse_sigma(self.sigma_small, "sigma_small")
-        s_large = parse_sigma(self.sigma_large, "sigma_large")
-        bad_axes = [ax for ax, a, b in zip("zyx", s_small, s_large) if a >= b]
+    def _sigmas(self, ds: Dataset) -> tuple[Optional[units.Lengths], tuple[units.Sigma, units.Sigma]]:
+        """The voxel size (metadata, or ``voxel_size``) and both σ in voxels (from voxels or a length)."""
+        try:
+            voxel = units.resolve_voxel_size(self.voxel_size, ds.voxel_size, ds.unit)
+            s_small = units.sigma_in_voxels(self.sigma_small, voxel, "sigma_small")
+            s_large = units.sigma_in_voxels(self.sigma_large, voxel, "sigma_large")
+        except units.UnitError as exc:
+            raise ParameterError(str(exc)) from None
+        bad_axes = [ax for ax, a, b in zip("zyx", s_small.voxels, s_large.voxels) if a >= b]
         if bad_axes:
             raise ParameterError(
                 f"sigma_small must be smaller than sigma_large on every axis (not on {','.join(bad_axes)}): "
-                f"{list(s_small)} vs {list(s_large)}"
+                f"{list(s_small.voxels)} vs {list(s_large.voxels)} voxels"
             )
-        return s_small, s_large
+        return voxel, (s_small, s_large)
 
     def _truncate(self) -> float:
         try:
@@ -200,17 +219,6 @@ class RunRequest:
             raise ParameterError(f"output path must not be the input or lie inside it: {self.output_path}")
         return in_abs, out_abs
 
-    def _channel(self, n_channels: int) -> int:
-        channel = self.channel
-        if isinstance(channel, bool) or not isinstance(channel, int):
-            try:
-                channel = int(str(channel))
-            except ValueError:
-                raise ParameterError(f"channel must be an integer, got {channel!r}") from None
-        if not 0 <= channel < n_channels:
-            raise ParameterError(f"channel {channel} out of range: the input has {n_channels} channels (0-{n_channels - 1})")
-        return channel
-
 
 def _profile(name: str, need_bytes: int) -> Any:
     """The run's cluster profile, checked (and, for ``local``, sized) on this host for ``need_bytes`` per task."""
@@ -229,10 +237,12 @@ class RunSpec:
     request: RunRequest
     input_path: str
     output_path: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # (P, C, Z, Y, X)
     input_dtype: str
     positions: tuple[int, ...]
+    channels: tuple[int, ...]
     params: FilterParams
+    output: OutputSpec
     profile: Any = field(repr=False)
     need_bytes: int
 

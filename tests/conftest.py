@@ -37,15 +37,16 @@ def assert_exact(result, volume, sigma_small, sigma_large, truncate=4.0, mode="n
 
 def assert_output_exact(out, inp, sigma_small, sigma_large, channel=0, positions=None, truncate=4.0, mode="nearest",
                         marked=True):
-    """Every selected position of the output ``out`` (all of them by default) is marked complete (unless
-    ``marked=False``) and equals the float64 scipy DoG of ``inp[position, channel]``."""
+    """Every selected position of the output ``out`` (all of them by default) has ``channel`` marked complete
+    (unless ``marked=False``) and equal to the float64 scipy DoG of that position and channel of ``inp``."""
     from tasks import store
+    from tasks.inputs import open_dataset
 
-    src = store.open_input(inp)
-    for p in range(src.shape[0]) if positions is None else positions:
+    src = open_dataset(inp)
+    for p in range(src.n_positions) if positions is None else positions:
         if marked:
-            assert store.read_marker(out, p) is not None, f"position {p} has no completion marker"
-        assert_exact(store.read_result(out, p), src[p, channel], sigma_small, sigma_large, truncate, mode)
+            assert store.read_marker(out, p, channel) is not None, f"position {p} channel {channel} has no marker"
+        assert_exact(store.read_result(out, p, channel), src.read(p, channel), sigma_small, sigma_large, truncate, mode)
 
 
 def volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0, chunks=(1, 1, 24, 128, 128)):

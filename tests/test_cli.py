@@ -11,7 +11,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from conftest import assert_exact, run_cli
+from conftest import assert_output_exact, run_cli
 from flows.cli import app
 
 runner = CliRunner()
@@ -70,6 +70,13 @@ def test_input_not_zarr(tmp_path):
     "extra, expect",
     [
         (["--channel", "2"], "channel 2 out of range"),
+        (["--channels", "0,5"], "channel 5 out of range"),
+        (["--channels", "zero"], "channel must be an integer"),
+        (["--sigma-small", "0.5um", "--sigma-large", "2um"], "has a unit but the input has no voxel size"),
+        (["--sigma-small", "0.5parsec", "--sigma-large", "2"], "unknown length unit 'parsec'"),
+        (["--fwhm-small", "1um", "--fwhm-large", "3 um"], "has a unit but the input has no voxel size"),
+        (["--voxel-size", "1,2", "--sigma-small", "1", "--sigma-large", "3"], "voxel_size needs 1 or 3 values"),
+        (["--voxel-size", "2,0.5,0.5", "--sigma-small", "1um", "--sigma-large", "1um"], "smaller than sigma_large"),
         (["--positions", "0-3"], "position 3 out of range"),
         (["--positions", "2-1"], "reversed"),
         (["--sigma-small", "0", "--sigma-large", "2"], "sigma_small must be > 0"),
@@ -92,22 +99,24 @@ def test_bad_parameters(inp, tmp_path, extra, expect):
 def _existing_output(inp, tmp_path, shape_zyx=None):
     """A real dogflow output made by prepare_output (what a finished run leaves)."""
     from tasks import store
+    from tasks.inputs import open_dataset
 
-    params = store.FilterParams(str(Path(inp).resolve()), 0, (1.0,) * 3, (3.0,) * 3, 4.0, "nearest", "float32")
-    shape = zarr.open_array(str(inp), mode="r").shape
-    if shape_zyx:
-        shape = (*shape[:2], *shape_zyx)
+    params = store.FilterParams(str(Path(inp).resolve()), (1.0,) * 3, (3.0,) * 3, 4.0, "nearest", "float32")
+    ds = open_dataset(inp)
     out = tmp_path / "exists.zarr"
-    arr = store.prepare_output(out, params, shape)
-    arr[0] = np.ones(arr.shape[1:], dtype=np.float32)
-    store.write_marker(out, 0, {"position": 0})
+    store.prepare_output(out, store.OutputSpec(params, ds.n_positions, ds.n_channels, shape_zyx or ds.shape),
+                         channels=[0])
+    store.write_levels(out, 0, 0, np.ones(shape_zyx or ds.shape, dtype=np.float32), "float32")
+    store.write_marker(out, 0, 0, {"position": 0})
     return out
 
 
 def test_output_with_other_parameters(inp, tmp_path):
     out = _existing_output(inp, tmp_path)
     _bad([inp, out, "--sigma-small", "1", "--sigma-large", "4"], "other parameters", out)
-    _bad([inp, out, "--channel", "1", "--sigma-small", "1", "--sigma-large", "3"], "other parameters", out)
+    _bad([inp, out, "--channel", "1", "--sigma-small", "1", "--sigma-large", "3", "--mode", "reflect"],
+         "other parameters", out)
+    _bad([inp, out, "--voxel-size", "2,1,1", "--sigma-small", "1", "--sigma-large", "3"], "another voxel size", out)
 
 
 def test_output_with_other_shape(inp, tmp_path):
@@ -141,11 +150,8 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
                   "--retry-delay", "0")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "3 position(s) filtered" in res.stdout
-    src = zarr.open_array(str(inp), mode="r")
-    dst = zarr.open_array(str(out / "0"), mode="r")
     f = 2 * np.sqrt(2 * np.log(2))
-    for p in range(3):
-        assert_exact(dst[p], src[p, 1], [2.5 / f, 4 / f, 4 / f], [6 / f, 12 / f, 10 / f])
+    assert_output_exact(out, inp, [2.5 / f, 4 / f, 4 / f], [6 / f, 12 / f, 10 / f], channel=1)
     st = run_cli("status", out)
     assert st.returncode == 0
     assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import ROOT, assert_exact
+from conftest import ROOT, assert_output_exact
 from flows.sample import make_sample, sample_volume
+from tasks import store
 from prefect_services import (
     POOL,
     PlainWorker,
@@ -62,15 +63,12 @@ def _sample(path: Path, positions: int, seed: int) -> Path:
 
 
 def _assert_output_exact(inp: Path, out: Path, ss=SS, sl=SL, channel=CHANNEL) -> None:
-    src = zarr.open_array(str(inp), mode="r")
-    res = zarr.open_array(str(out / "0"), mode="r")
-    assert res.shape[0] == src.shape[0], (res.shape, src.shape)
-    for p in range(src.shape[0]):
-        assert_exact(res[p], src[p, channel], ss, sl)
+    assert store.read_provenance(out)["shape"][0] == zarr.open_array(str(inp), mode="r").shape[0]
+    assert_output_exact(out, inp, ss, sl, channel=channel, marked=False)
 
 
 def _marker_mtimes(out: Path) -> dict[int, int]:
-    return {int(f.stem): f.stat().st_mtime_ns for f in sorted((out / "dogflow" / "positions").glob("*.json"))}
+    return {p: store.marker_path(out, p, c).stat().st_mtime_ns for p, c in store.marked(out)}
 
 
 class Site:

@@ -33,17 +33,19 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
     assert state.is_completed(), state
     summary = state.result()
     assert summary["processed"] == 3 and summary["skipped"] == 0 and summary["failed"] == []
-    res = zarr.open_array(str(out / "0"), mode="r")
-    assert res.shape == (3, 12, 40, 36) and res.dtype == np.float32
+    res = store.open_level(out, 2)
+    assert res.shape == (2, 12, 40, 36) and res.dtype == np.float32  # (C, Z, Y, X): the input's channels
     assert_output_exact(out, sample, SS, SL, channel=1)  # every position, the last one (2) included
-    assert [store.read_marker(out, p)["position"] for p in range(3)] == [0, 1, 2]
+    assert [store.read_marker(out, p, 1)["position"] for p in range(3)] == [0, 1, 2]
+    assert store.marked(out) == [(0, 1), (1, 1), (2, 1)]  # channel 0 was not selected: not computed
+    assert not np.any(res[0])
     # NGFF 0.5 metadata and provenance
     g = zarr.open_group(str(out), mode="r")
     ome = g.attrs["ome"]
-    assert ome["version"] == "0.5"
-    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["position", "z", "y", "x"]
+    assert ome["version"] == "0.5" and len(ome["multiscales"]) == 3
+    assert [a["name"] for a in ome["multiscales"][2]["axes"]] == ["c", "z", "y", "x"]
     prov = g.attrs["dogflow"]
-    assert prov["params"]["channel"] == 1 and prov["params"]["sigma_large"] == SL
+    assert prov["channels"] == [1] and prov["params"]["sigma_large"] == SL and prov["layout_version"] == 2
     assert prov["params"]["input_path"] == str(sample) and prov["version"]
     assert res.chunks[0] == 1
 
@@ -51,11 +53,11 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
 def test_rerun_skips_completed_work(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
     assert _run(sample, out).is_completed()
-    before = {p: store.read_marker(out, p)["finished"] for p in range(3)}
+    before = {p: store.read_marker(out, p, 1)["finished"] for p in range(3)}
     state = _run(sample, out)
     summary = state.result()
     assert summary["processed"] == 0 and summary["skipped"] == 3
-    assert {p: store.read_marker(out, p)["finished"] for p in range(3)} == before
+    assert {p: store.read_marker(out, p, 1)["finished"] for p in range(3)} == before
     # force recomputes all of them
     summary = _run(sample, out, force=True).result()
     assert summary["processed"] == 3
@@ -66,27 +68,27 @@ def test_subset_and_uint16_policy(prefect_api, sample, tmp_path):
     state = _run(sample, out, positions="0,2", output_dtype="uint16")
     assert state.is_completed()
     src = zarr.open_array(str(sample), mode="r")
-    res = zarr.open_array(str(out / "0"), mode="r")
-    assert res.dtype == np.uint16
     for p in (0, 2):
+        res = store.read_result(out, p, 1)
+        assert res.dtype == np.uint16
         ref = reference_dog(src[p, 1], SS, SL)
         assert ref.min() < -1, "the test needs negative DoG values"
         expected = np.clip(np.rint(ref), 0, 65535)
-        assert np.abs(res[p].astype(np.float64) - expected).max() <= 1  # rounding ties of float32 vs float64
-        assert res[p][ref < -1].max() == 0  # negatives clip to 0, they never wrap to ~65535
-    assert store.read_marker(out, 1) is None
-    assert not np.any(res[1])
+        assert np.abs(res.astype(np.float64) - expected).max() <= 1  # rounding ties of float32 vs float64
+        assert res[ref < -1].max() == 0  # negatives clip to 0, they never wrap to ~65535
+    assert store.read_marker(out, 1, 1) is None
+    assert not np.any(store.read_result(out, 1, 1))
 
 
 def test_changed_parameters_refused_unless_overwrite(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
     assert _run(sample, out, positions="0").is_completed()
-    before = zarr.open_array(str(out / "0"), mode="r")[0]
+    before = store.read_result(out, 0, 1)
     state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0])
     assert state.is_failed()
     assert "other parameters" in str(state.result(raise_on_failure=False))
-    np.testing.assert_array_equal(zarr.open_array(str(out / "0"), mode="r")[0], before)
-    assert store.read_marker(out, 0) is not None
+    np.testing.assert_array_equal(store.read_result(out, 0, 1), before)
+    assert store.read_marker(out, 0, 1) is not None
     state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0], overwrite=True)
     assert state.is_completed() and state.result()["processed"] == 3
     assert_output_exact(out, sample, SS, [2.0, 5.0, 5.0], channel=1, positions=[0])
@@ -101,8 +103,8 @@ def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_
     assert state.is_failed()
     assert "1 position(s) failed: 1" in str(state.result(raise_on_failure=False))
     assert_output_exact(out, sample, SS, SL, channel=1, positions=[0, 2])
-    assert store.read_marker(out, 1) is None
-    assert not (out / "dogflow" / "run.lock").exists()
+    assert store.read_marker(out, 1, 1) is None
+    assert not store.lock_path(out).exists()
     chunk.write_bytes(good)  # repair: only position 1 is recomputed
     summary = _run(sample, out).result()
     assert summary["processed"] == 1 and summary["skipped"] == 2
@@ -154,5 +156,5 @@ def test_input_growing_along_positions_grows_output(prefect_api, sample, tmp_pat
     arr[3] = rng.integers(0, 1000, size=arr.shape[1:], dtype=np.uint16)
     summary = _run(sample, out).result()
     assert summary["processed"] == 1 and summary["skipped"] == 3
-    assert zarr.open_array(str(out / "0"), mode="r").shape[0] == 4
+    assert store.read_provenance(out)["shape"][0] == 4 and store.open_level(out, 3).shape == (2, 12, 40, 36)
     assert_output_exact(out, sample, SS, SL, channel=1)

@@ -22,16 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from flows import clusters
 from flows.clusters.base import import_class
 from flows.sample import make_sample
 from tasks.store import read_marker
 
-from conftest import ROOT, assert_exact, run_cli
+from conftest import ROOT, assert_output_exact, run_cli
 
 pytestmark = [
     pytest.mark.slurm,
@@ -137,16 +135,11 @@ def _cli_run(inp, out, profile, *extra, env=None, timeout=200):
 
 
 def _assert_output_exact(inp, out, channel=1, sigma_small=SIGMA_SMALL, sigma_large=SIGMA_LARGE):
-    src = zarr.open_array(str(inp), mode="r")
-    res = zarr.open_array(str(Path(out) / "0"), mode="r")
-    assert res.shape == (src.shape[0], *src.shape[2:])
-    for p in range(src.shape[0]):
-        assert read_marker(str(out), p) is not None, f"position {p} has no completion marker"
-        assert_exact(np.asarray(res[p]), np.asarray(src[p, channel]), sigma_small, sigma_large)
+    assert_output_exact(out, inp, sigma_small, sigma_large, channel=channel)
 
 
-def _marker_jobs(out, positions: int) -> list[str | None]:
-    return [read_marker(str(out), p).get("slurm_job_id") for p in range(positions)]
+def _marker_jobs(out, positions: int, channel: int = 1) -> list[str | None]:
+    return [read_marker(str(out), p, channel).get("slurm_job_id") for p in range(positions)]
 
 
 def _log_dir(profile: Path) -> Path:
@@ -180,7 +173,7 @@ def test_run_on_slurm_worker_jobs_with_tls(small, tmp_path):
     ran_in = set(jobs)
     assert ran_in <= watch.seen - before, f"markers name jobs {ran_in}, squeue showed {watch.seen - before}"
     assert 1 <= watch.max_concurrent <= 2
-    assert all(read_marker(str(out), p)["host"] for p in range(4))
+    assert all(read_marker(str(out), p, 1)["host"] for p in range(4))
     # ... and are gone once the run is over.
     assert not after, f"worker jobs left in the queue after the run: {after}"
 
@@ -323,10 +316,10 @@ def test_scancel_one_worker_mid_run(tmp_path):
         # As soon as the first position is complete, cancel the job that filtered it (it is busy with the next).
         while not done.is_set():
             for p in range(P):
-                marker = read_marker(str(out), p) if (out / "dogflow").exists() else None
+                marker = read_marker(str(out), p, 0)
                 if marker and marker.get("slurm_job_id"):
                     killed["job"] = marker["slurm_job_id"]
-                    killed["markers"] = sum(read_marker(str(out), q) is not None for q in range(P))
+                    killed["markers"] = sum(read_marker(str(out), q, 0) is not None for q in range(P))
                     subprocess.run(["scancel", killed["job"]], capture_output=True, timeout=30)
                     return
             time.sleep(0.05)
@@ -349,8 +342,8 @@ def test_scancel_one_worker_mid_run(tmp_path):
     # The cancelled job left the queue while the run went on; every position was filtered in a job of this run.
     last_seen = max(ts for ts, jobs in watch.snapshots if killed["job"] in jobs)
     assert any(ts > last_seen for ts, jobs in watch.snapshots if jobs), "the run ended with the cancelled job"
-    assert set(_marker_jobs(out, P)) <= watch.seen
-    assert len(set(_marker_jobs(out, P)) - {killed["job"]}) >= 1
+    assert set(_marker_jobs(out, P, 0)) <= watch.seen
+    assert len(set(_marker_jobs(out, P, 0)) - {killed["job"]}) >= 1
     assert not after
 
 

@@ -1,4 +1,6 @@
-"""The output layout, completion markers, fingerprints and the run lock, on real Zarr stores on disk."""
+"""The output layout (version 2), pyramid, completion markers, status and the run lock, on real Zarr stores on disk.
+
+Paths inside the output are asked from ``store``, never written out here."""
 
 from __future__ import annotations
 
@@ -6,19 +8,26 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from flows.sample import make_bioformats2raw
 from tasks import store
+from tasks.inputs import open_dataset
 
 
 def _params(inp, **kw):
-    d = dict(input_path=str(inp), channel=0, sigma_small=(1.0,) * 3, sigma_large=(2.0,) * 3, truncate=4.0,
-             mode="nearest", output_dtype="float32")
+    d = dict(input_path=str(inp), sigma_small=(1.0,) * 3, sigma_large=(2.0,) * 3, truncate=4.0, mode="nearest",
+             output_dtype="float32")
     d.update(kw)
     return store.FilterParams(**d)
+
+
+def _spec(inp, max_plane=store.PYRAMID_MAX_PLANE, **kw):
+    return store.OutputSpec.for_dataset(_params(inp, **kw), open_dataset(inp), max_plane=max_plane)
 
 
 def test_uint16_policy_rounds_and_clips():
@@ -28,55 +37,191 @@ def test_uint16_policy_rounds_and_clips():
     assert out.tolist() == [0, 0, 0, 0, 0, 2, 2, 65535, 65535]  # half to even; negatives never wrap
 
 
-def test_fingerprint_tracks_each_position_alone(sample):
-    arr = zarr.open_array(str(sample), mode="r+")
-    before = [store.input_fingerprint(arr, p, 1) for p in range(3)]
-    assert len(set(before)) == 3
-    time.sleep(0.01)
-    arr[1, 1, 0, 0, 0] = 7  # rewrites one chunk of position 1
-    after = [store.input_fingerprint(arr, p, 1) for p in range(3)]
-    assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
-    assert store.input_fingerprint(arr, 1, 0) == store.input_fingerprint(arr, 1, 0)
+def test_level_shapes_halve_until_the_plane_fits():
+    assert store.level_shapes((413, 2048, 2048)) == [(413, 2048, 2048), (413, 1024, 1024)]
+    assert store.level_shapes((10, 5000, 300)) == [(10, 5000, 300), (10, 2500, 150), (10, 1250, 75), (10, 625, 38)]
+    assert store.level_shapes((4, 1024, 10)) == [(4, 1024, 10)]
+    assert store.level_shapes((4, 41, 37), max_plane=10) == [(4, 41, 37), (4, 21, 19), (4, 11, 10), (4, 6, 5)]
 
 
-def test_fingerprint_zarr_v2_and_missing_chunks(tmp_path):
-    a = zarr.create_array(str(tmp_path / "v2.zarr"), shape=(2, 1, 4, 4, 4), chunks=(1, 1, 2, 4, 4), dtype="uint16",
-                          zarr_format=2)
-    empty = store.input_fingerprint(a, 0, 0)
-    a[0, 0] = 1
-    assert store.input_fingerprint(a, 0, 0) != empty
-    assert store.input_fingerprint(a, 1, 0) == store.input_fingerprint(a, 1, 0)
+@pytest.mark.parametrize("shape", [(3, 8, 6), (2, 9, 7), (2, 1, 5), (1, 4, 1)])
+def test_pyramid_level_is_the_2x2_mean_of_the_level_above(shape):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=shape).astype(np.float32)
+    got = store.downsample_mean(a)
+    z, y, x = shape
+    padded = np.pad(a.astype(np.float64), ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")  # odd edge: itself
+    ref = padded.reshape(z, (y + 1) // 2, 2, (x + 1) // 2, 2).mean(axis=(2, 4))
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_markers_are_atomic_and_owned_per_position(sample, tmp_path):
+def test_layout_v2_tree_and_ngff_metadata(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=3, shape=(4, 41, 37))
+    out = tmp_path / "o.zarr"
+    spec = _spec(inp, max_plane=16)
+    prov = store.prepare_output(out, spec, channels=[2, 0])
+    assert prov["layout_version"] == 2 and prov["channels"] == [0, 2]
+    assert prov["voxel_size"] == [2.0, 0.406, 0.406] and prov["unit"] == "micrometer"
+    assert prov["codec"] == store.CODEC and prov["input"]["layout"] == "bioformats2raw"
+    assert prov["levels"] == [[4, 41, 37], [4, 21, 19], [4, 11, 10]]
+    for p in range(2):
+        assert store.n_levels(out, p) == 3
+        for level, (z, y, x) in enumerate(prov["levels"]):
+            arr = store.open_level(out, p, level)
+            assert arr.shape == (3, z, y, x) and arr.metadata.dimension_names == ("c", "z", "y", "x")
+            assert arr.chunks == (1, z, y, x) and arr.metadata.zarr_format == 3
+            assert arr.compressors[0].to_dict()["configuration"]["cname"] == "lz4"
+            assert Path(arr.store_path.store.root) / arr.path == out / store.level_path(p, level)
+    ome = zarr.open_group(str(out), mode="r").attrs["ome"]
+    assert ome["version"] == "0.5" and [m["name"] for m in ome["multiscales"]] == ["position 0", "position 1"]
+    ms = ome["multiscales"][1]
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["axes"][1] == {"name": "z", "type": "space", "unit": "micrometer"}
+    assert [d["path"] for d in ms["datasets"]] == ["1/0", "1/1", "1/2"]
+    t2 = ms["datasets"][2]["coordinateTransformations"]
+    assert t2[0]["scale"] == pytest.approx([1.0, 2.0, 0.406 * 4, 0.406 * 4])
+    assert t2[1]["translation"] == pytest.approx([0.0, 0.0, 0.406 * 1.5, 0.406 * 1.5])  # centre of 4 pixels
+    assert [c["active"] for c in ome["omero"]["channels"]] == [True, False, True]
+
+
+def test_write_levels_writes_every_level_of_one_channel_only(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=2, shape=(3, 30, 22))
+    out = tmp_path / "o.zarr"
+    store.prepare_output(out, _spec(inp, max_plane=8), channels=[1])
+    result = np.random.default_rng(0).normal(size=(3, 30, 22)).astype(np.float32)
+    assert store.write_levels(out, 1, 1, result, "float32") == 3
+    level = result
+    for n in range(3):
+        arr = store.open_level(out, 1, n)
+        np.testing.assert_array_equal(arr[1], level)
+        assert not np.any(arr[0])  # the other channel stays unwritten
+        level = store.downsample_mean(level)
+    assert not list((out / "0").rglob("c/*/*"))  # position 0 untouched: no chunk on disk
+
+
+def test_uint16_levels_are_computed_in_float_then_cast(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=1, channels=1, shape=(2, 6, 6))
+    out = tmp_path / "o.zarr"
+    store.prepare_output(out, _spec(inp, max_plane=4, output_dtype="uint16"))
+    result = np.array([[[-4.0, 1.5, 2.5, 3.0, 0.4, 0.6]] * 6] * 2, dtype=np.float32)
+    store.write_levels(out, 0, 0, result, "uint16")
+    lv1 = store.open_level(out, 0, 1)[0]
+    assert lv1.dtype == np.uint16
+    np.testing.assert_array_equal(lv1, store.to_output_dtype(store.downsample_mean(result), "uint16"))
+    assert lv1[0, 0].tolist() == [0, 3, 0]  # mean(-4, 1.5) = -1.25 -> 0; mean(2.5, 3) = 2.75 -> 3; 0.5 -> 0
+
+
+def test_markers_are_atomic_and_owned_per_position_and_channel(sample, tmp_path):
     out = tmp_path / "o.zarr"
     params = _params(sample)
-    store.prepare_output(out, params, zarr.open_array(str(sample)).shape)
-    assert store.read_marker(out, 0) is None
+    store.prepare_output(out, _spec(sample))
+    assert store.read_marker(out, 0, 0) is None
     # leftover temp file of a killed writer and a torn marker: neither counts as complete, neither breaks anything
-    mdir = out / "dogflow" / "positions"
-    (mdir / ".000000.json.host.123.tmp").write_text('{"position": 0')
-    (mdir / "000001.json").write_text('{"position": 1, "input_fin')
-    assert store.read_marker(out, 0) is None and store.read_marker(out, 1) is None
+    m0, m1 = store.marker_path(out, 0, 1), store.marker_path(out, 1, 1)
+    m0.parent.mkdir(parents=True)
+    m1.parent.mkdir(parents=True)
+    (m0.parent / f".{m0.name}.host.123.tmp").write_text('{"position": 0')
+    m1.write_text('{"position": 1, "input_fin')
+    assert store.read_marker(out, 0, 1) is None and store.read_marker(out, 1, 1) is None
+    record = store.marker_record(params, "abc", {"position": 0, "channel": 1, "seconds": 1.0})
+    store.write_marker(out, 0, 1, record)
     key = store.expected_marker_key(params, "abc")
-    store.write_marker(out, 0, {**key, "position": 0})
-    assert store.position_state(store.read_marker(out, 0), key) == "complete"
+    assert store.marker_state(store.read_marker(out, 0, 1), key) == "complete"
+    assert store.read_marker(out, 0, 0) is None  # per channel
     other = store.expected_marker_key(_params(sample, sigma_large=(3.0,) * 3), "abc")
-    assert store.position_state(store.read_marker(out, 0), other) == "stale"
-    assert store.stale_reason(store.read_marker(out, 0), other) == "parameters changed"
-    assert store.position_state(None, key) == "missing"
-    store.clear_marker(out, 0)
-    assert store.read_marker(out, 0) is None
+    assert store.marker_state(store.read_marker(out, 0, 1), other) == "stale"
+    assert store.stale_reason(store.read_marker(out, 0, 1), other) == "parameters changed"
+    assert store.marker_state(None, key) == "missing"
+    assert store.marked(out) == [(0, 1), (1, 1)]
+    store.clear_marker(out, 0, 1)
+    assert store.read_marker(out, 0, 1) is None
 
 
-def test_output_layout_is_ngff(sample, tmp_path):
+def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=2, shape=(4, 12, 10))
     out = tmp_path / "o.zarr"
-    arr = store.prepare_output(out, _params(sample), (3, 2, 12, 40, 36))
-    assert arr.shape == (3, 12, 40, 36) and arr.chunks[0] == 1 and arr.metadata.zarr_format == 3
-    g = zarr.open_group(str(out), mode="r")
-    assert sorted(g.keys()) == ["0", "dogflow"]
-    assert g.attrs["ome"]["multiscales"][0]["axes"][0] == {"name": "position", "type": "position"}
-    assert g.attrs["dogflow"]["params"]["output_dtype"] == "float32"
+    spec = _spec(inp)
+    assert store.check_output(out, spec, False) == "create"
+    store.prepare_output(out, spec, channels=[0])
+    assert store.check_output(out, spec, False) == "open"
+    with pytest.raises(store.StoreError, match=r"other parameters \(sigma_large"):
+        store.check_output(out, _spec(inp, sigma_large=(3.0,) * 3), False)
+    assert store.check_output(out, _spec(inp, sigma_large=(3.0,) * 3), True) == "overwrite"
+    moved = store.OutputSpec(spec.params, 2, 2, spec.shape, (1.0, 0.406, 0.406), "micrometer")
+    with pytest.raises(store.StoreError, match="another voxel size"):
+        store.check_output(out, moved, False)
+    with pytest.raises(store.StoreError, match=r"another shape \(c,z,y,x\)=\(2, 4, 12, 10\), input has \(3, 4, 12, 10\)"):
+        store.check_output(out, store.OutputSpec(spec.params, 2, 3, spec.shape, spec.voxel_size, spec.unit), False)
+    # layout 1 (what dogflow wrote before): refused with what to do, recomputed into layout 2 with overwrite
+    v1 = tmp_path / "v1.zarr"
+    g = zarr.open_group(str(v1), mode="w")
+    g.create_array("0", shape=(2, 4, 12, 10), chunks=(1, 4, 12, 10), dtype="float32")
+    g.attrs["dogflow"] = {"layout_version": 1, "params": {}, "shape": [2, 4, 12, 10]}
+    v1_markers = store.marker_path(v1, 0, 0).parents[1]  # layout 1 kept one marker file per position here
+    v1_markers.mkdir(parents=True)
+    (v1_markers / "000000.json").write_text("{}")
+    with pytest.raises(store.StoreError) as info:
+        store.check_output(v1, spec, False)
+    msg = str(info.value)
+    assert "old layout 1" in msg and "--overwrite" in msg and "new output path" in msg and "\n" not in msg
+    store.prepare_output(v1, spec, overwrite=True)
+    assert store.read_provenance(v1)["layout_version"] == 2 and store.open_level(v1, 1).shape == (2, 4, 12, 10)
+    assert not list(v1_markers.iterdir())
+
+
+def test_params_digest_does_not_depend_on_channels_and_channels_accumulate(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=1, channels=3, shape=(2, 8, 8))
+    out = tmp_path / "o.zarr"
+    spec = _spec(inp)
+    store.prepare_output(out, spec, channels=[0])
+    assert store.check_output(out, spec, False) == "open"  # another channel is not another parameter
+    prov = store.prepare_output(out, spec, channels=[2])
+    assert prov["channels"] == [0, 2]
+    assert store.read_provenance(out)["channels"] == [0, 2]
+
+
+def test_output_grows_with_the_input(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=1, shape=(2, 8, 8))
+    out = tmp_path / "o.zarr"
+    store.prepare_output(out, _spec(inp))
+    store.write_levels(out, 1, 0, np.ones((2, 8, 8), np.float32), "float32")
+    make_bioformats2raw(tmp_path / "more.zarr", positions=3, channels=1, shape=(2, 8, 8))
+    grown = store.OutputSpec(_params(inp), 3, 1, (2, 8, 8), (2.0, 0.406, 0.406), "micrometer")
+    prov = store.prepare_output(out, grown)
+    assert prov["shape"] == [3, 1, 2, 8, 8] and store.open_level(out, 2).shape == (1, 2, 8, 8)
+    assert len(zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"]) == 3
+    assert store.open_level(out, 1)[0].min() == 1.0  # existing positions untouched
+
+
+def test_status_rows_per_position_and_channel(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=2, shape=(2, 8, 8))
+    out = tmp_path / "o.zarr"
+    params = _params(inp)
+    store.prepare_output(out, _spec(inp), channels=[1])
+    ds = open_dataset(inp)
+    store.write_marker(out, 0, 1, store.marker_record(params, store.input_fingerprint(ds, 0, 1), {"seconds": 1.0}))
+    store.write_marker(out, 1, 1, store.marker_record(params, "old-fingerprint", {"seconds": 1.0}))
+    st = store.status(out)
+    assert [(r.position, r.channel, r.state, r.reason) for r in st.rows] == [
+        (0, 1, "complete", ""), (1, 1, "stale", "input changed")]
+    assert st.counts() == {"complete": 1, "missing": 0, "stale": 1} and st.input_problem is None
+    with pytest.raises(store.StoreError, match="not a dogflow output"):
+        store.status(tmp_path / "nothing.zarr")
+
+
+def test_run_log_path(tmp_path):
+    out = tmp_path / "o.zarr"
+    assert store.run_log_path(out, "brave-fox") == out / store.META_GROUP / store.LOG_DIR / "brave-fox-local.log"
+    assert store.run_log_path(out, "run", "42").name == "run-42.log"
+    assert store.run_log_path(out, "x", folder=tmp_path / "L") == tmp_path / "L" / "x-local.log"
 
 
 def test_lock_is_exclusive_and_stale_after_owner_death(tmp_path):

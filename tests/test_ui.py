@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-import zarr
 
-from conftest import assert_exact
+from conftest import assert_output_exact
 from flows.sample import make_sample
+from tasks import store
 from prefect_services import ROOT, PrefectServer, Worker, deploy, flow_run_logs, require, wait_flow_run
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(600)]
@@ -134,11 +134,8 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     finally:
         page.close()
 
-    src = zarr.open_array(str(inp), mode="r")
-    res = zarr.open_array(str(out / "0"), mode="r")
-    assert res.shape == (2, 8, 32, 32)
-    for p in range(2):
-        assert_exact(res[p], src[p, 1], 1.2, 2.75)
+    assert store.read_provenance(out)["shape"] == [2, 2, 8, 32, 32]
+    assert_output_exact(out, inp, 1.2, 2.75, channel=1)
 
 
 def _save(page, name: str, problems: list[str]) -> None:

@@ -1,0 +1,117 @@
+"""Input read, engine, and output write (every pyramid level) of one position, as the task does them.
+
+    .venv/bin/python benchmarks/output_write.py [--shape 413,512,512] [--max-plane 256] [--codecs]
+
+Prints the seconds of each step, the write's share of the engine time, the on-disk ratio of the output,
+and the peak memory of the step sequence (tracemalloc, numpy buffers included) in units of the float32
+volume. ``--codecs`` also compares candidate codecs on the same DoG volume (write/read seconds, ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flows.sample import sample_volume  # noqa: E402
+from tasks import dog, preview, store  # noqa: E402
+from tasks.inputs import open_dataset  # noqa: E402
+
+SIGMA_SMALL, SIGMA_LARGE = 50 / 2.35, 200 / 2.35
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "dogflow" not in f.parts)
+
+
+def one_position(inp: Path, out: Path, dtype: str = "float32") -> dict[str, float]:
+    """The task's sequence for one channel: read, DoG, preview, free the input, write every level."""
+    t = {}
+    t0 = time.perf_counter()
+    ds = open_dataset(inp)
+    volume = ds.read(0, 0)
+    t["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = dog.difference_of_gaussians(volume, SIGMA_SMALL, SIGMA_LARGE)
+    t["engine"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preview.preview_png(volume, result)
+    t["preview"] = time.perf_counter() - t0
+    del volume
+    t0 = time.perf_counter()
+    store.write_levels(out, 0, 0, result, dtype)
+    t["write"] = time.perf_counter() - t0
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="413,512,512")
+    ap.add_argument("--max-plane", type=int, default=256, help="pyramid: levels until y,x <= this (default: 1 level)")
+    ap.add_argument("--codecs", action="store_true")
+    a = ap.parse_args()
+    shape = tuple(int(s) for s in a.shape.split(","))
+    work = Path(tempfile.mkdtemp(prefix="dogflow-bench-"))
+    try:
+        inp, out = work / "in.zarr", work / "out.zarr"
+        arr = zarr.create_array(str(inp), shape=(1, 1, *shape), chunks=(1, 1, 64, 256, 256), dtype="uint16")
+        arr[0, 0] = sample_volume(shape, 400, np.random.default_rng(0))
+        ds = open_dataset(inp)
+        params = store.FilterParams(str(inp), (SIGMA_SMALL,) * 3, (SIGMA_LARGE,) * 3, 4.0, "nearest", "float32")
+        spec = store.OutputSpec.for_dataset(params, ds, max_plane=a.max_plane)
+        store.prepare_output(out, spec, channels=[0])
+        print(f"shape {shape}, levels {spec.levels}, codec {store.CODEC}, cpus {os.cpu_count()}")
+        t = one_position(inp, out)
+        vol_bytes = 4 * int(np.prod(shape))
+        written = sum(4 * int(np.prod(s)) for s in spec.levels)
+        print(f"read {t['read']:.2f} s, engine {t['engine']:.2f} s, preview {t['preview']:.2f} s, "
+              f"write (all levels) {t['write']:.2f} s; read + write = {100 * (t['read'] + t['write']) / t['engine']:.0f} % "
+              f"of the engine; output ratio {written / du(out):.2f}")
+        tracemalloc.start()
+        one_position(inp, out)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"peak traced memory of read+engine+preview+write: {peak / vol_bytes:.2f}x the float32 volume")
+        if a.codecs:
+            compare_codecs(work, ds.read(0, 0))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare_codecs(work: Path, volume: np.ndarray) -> None:
+    from zarr.codecs import BloscCodec
+
+    result = dog.difference_of_gaussians(volume, SIGMA_SMALL, SIGMA_LARGE)
+    cands = {
+        "zstd (zarr default)": "auto",
+        "none": None,
+        "blosc lz4 shuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+        "blosc lz4 bitshuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),),
+        "blosc zstd-1 shuffle": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    }
+    for name, comp in cands.items():
+        p = work / f"codec-{len(name)}-{abs(hash(name))}.zarr"
+        z = zarr.create_array(str(p), shape=(1, *result.shape), chunks=(1, 64, 256, 256), dtype="float32",
+                              compressors=comp)
+        t0 = time.perf_counter()
+        z[0] = result
+        w = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        zarr.open_array(str(p))[0]
+        r = time.perf_counter() - t0
+        print(f"  {name:22s} write {w:5.2f} s  read {r:5.2f} s  ratio {result.nbytes / du(p):.2f}")
+        shutil.rmtree(p)
+
+
+if __name__ == "__main__":
+    main()

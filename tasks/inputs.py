@@ -1,0 +1,376 @@
+"""Input layouts, read through one uniform :class:`Dataset` (positions x channels of (z, y, x) volumes).
+
+Layouts (``Dataset.layout``):
+
+``array``
+    A plain 5-D ``(position, channel, z, y, x)`` Zarr array, zarr v2 or v3 (the seed's
+    ``da.from_zarr(path)`` layout). No voxel size.
+``ome-zarr``
+    An OME-Zarr group, NGFF 0.4 (zarr v2, ``multiscales`` at the top of the attributes) or 0.5 (zarr v3,
+    under ``ome``). Each ``multiscales`` entry is an image whose full-resolution array (its first
+    dataset) has axes ``(t,) (c,) z, y, x`` with t = 1; each image is one position. A 5-D array
+    without axes metadata (or with a first axis that is neither t nor c) is read as
+    ``(position, channel, z, y, x)``, as before.
+``bioformats2raw``
+    A root with ``bioformats2raw.layout: 3`` (NGFF 0.4 attributes, or 0.5 under ``ome``); each series
+    group (``0``, ``1``, ..., or the list in ``OME/``'s ``series`` attribute) is an NGFF image: one position.
+``dogflow``
+    dogflow's own output (layout 2): an OME-Zarr group with one ``multiscales`` entry per position.
+
+Voxel size and unit come from the NGFF metadata (scale of the full-resolution dataset, times the
+multiscale's own scale; unit of the z, y, x axes); every position must agree on shape, dtype, channel
+count and voxel size. Every failure is a one-line :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+
+
+class StoreError(ValueError):
+    """A problem with an input or output store, phrased for the user (one line)."""
+
+
+LAYOUTS = ("array", "ome-zarr", "bioformats2raw", "dogflow")
+SPACE = ("z", "y", "x")
+_UM_PER = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "picometer": 1e-6,
+           "centimeter": 1e4, "meter": 1e6}
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@dataclass
+class _Image:
+    """One NGFF image (or the plain array): a full-resolution array and what its leading axes are."""
+
+    name: str  # for messages: the group path of the image, or "" for the root
+    array: zarr.Array
+    leading: tuple[str, ...]  # names of the axes before z,y,x: subset of ("position"|"t"|other, "c")
+    voxel_size: tuple[float, float, float] | None = None
+    unit: str | None = None
+
+    @property
+    def n_positions(self) -> int:
+        return self.array.shape[self.leading.index("position")] if "position" in self.leading else 1
+
+    @property
+    def n_channels(self) -> int:
+        return self.array.shape[self.leading.index("c")] if "c" in self.leading else 1
+
+    def index(self, position: int, channel: int) -> tuple[int, ...]:
+        return tuple(position if a == "position" else channel if a == "c" else 0 for a in self.leading)
+
+
+def _grid(arr: zarr.Array) -> tuple[int, ...]:
+    shards = getattr(arr, "shards", None)
+    return tuple(shards) if shards else tuple(arr.chunks)
+
+
+def _array_root(arr: zarr.Array) -> Path:
+    root = getattr(arr.store_path.store, "root", None)
+    if root is None:
+        raise StoreError("input fingerprints need a local-filesystem store")
+    return Path(str(root)) / arr.path if arr.path else Path(str(root))
+
+
+def _is_real_numeric(dtype: np.dtype) -> bool:
+    return (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) and not np.issubdtype(
+        dtype, np.bool_
+    )
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+@dataclass
+class Dataset:
+    """A read-only input: ``n_positions`` x ``n_channels`` volumes of ``shape`` (z, y, x)."""
+
+    path: str
+    layout: str
+    images: list[_Image] = field(repr=False)
+    voxel_size: tuple[float, float, float] | None = None  # in ``unit``; None: unknown (plain array)
+    unit: str | None = None  # NGFF unit name of z, y, x ("micrometer"), or None
+
+    # ---- geometry
+    @property
+    def n_positions(self) -> int:
+        return sum(im.n_positions for im in self.images)
+
+    @property
+    def n_channels(self) -> int:
+        return self.images[0].n_channels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images[0].array.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images[0].array.dtype
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float] | None:
+        if self.voxel_size is None or self.unit not in _UM_PER:
+            return None
+        f = _UM_PER[self.unit]
+        return (self.voxel_size[0] * f, self.voxel_size[1] * f, self.voxel_size[2] * f)
+
+    def describe(self) -> dict[str, Any]:
+        """What provenance records about the input."""
+        return {
+            "path": self.path,
+            "layout": self.layout,
+            "positions": self.n_positions,
+            "channels": self.n_channels,
+            "shape_zyx": list(self.shape),
+            "dtype": str(self.dtype),
+            "voxel_size": list(self.voxel_size) if self.voxel_size else None,
+            "unit": self.unit,
+        }
+
+    # ---- where a (position, channel) lives
+    def _locate(self, position: int, channel: int) -> tuple[_Image, tuple[int, ...]]:
+        if not 0 <= position < self.n_positions:
+            raise StoreError(f"position {position} out of range: the input has {self.n_positions} positions")
+        if not 0 <= channel < self.n_channels:
+            raise StoreError(f"channel {channel} out of range: the input has {self.n_channels} channels")
+        for im in self.images:
+            if position < im.n_positions:
+                return im, im.index(position, channel)
+            position -= im.n_positions
+        raise AssertionError("unreachable")
+
+    def position_name(self, position: int) -> str:
+        """The image (series group) that holds ``position``, for messages: e.g. ``"3"``."""
+        im, _ = self._locate(position, 0)
+        return im.name
+
+    def read(self, position: int, channel: int) -> np.ndarray:
+        """The (z, y, x) volume of one position and channel, as stored (dtype of the input)."""
+        im, idx = self._locate(position, channel)
+        return np.asarray(im.array[idx])
+
+    def _objects(self, position: int, channel: int) -> Iterator[tuple[str, Path, tuple[slice, ...]]]:
+        """(name, path, region) of every stored object (chunk, or shard) covering one position and channel."""
+        im, idx = self._locate(position, channel)
+        arr = im.array
+        grid = _grid(arr)
+        lead = tuple(i // g for i, g in zip(idx, grid))
+        root = _array_root(arr)
+        counts = [range(-(-arr.shape[d] // grid[d])) for d in range(arr.ndim - 3, arr.ndim)]
+        for zyx in itertools.product(*counts):
+            key = arr.metadata.encode_chunk_key((*lead, *zyx))
+            region = tuple(slice(i * g, (i + 1) * g) for i, g in zip(zyx, grid[-3:]))
+            yield (f"{arr.path}/{key}" if arr.path else key), root / key, (*idx, *region)
+
+    def stored_objects(self, position: int, channel: int) -> list[tuple[str, Path]]:
+        """(name, path) of every stored object covering ``(position, channel)``; names are relative to the input."""
+        return [(name, path) for name, path, _ in self._objects(position, channel)]
+
+    def missing_objects(self, position: int, channel: int) -> list[str]:
+        """Names of the stored objects of ``(position, channel)`` that are not on disk."""
+        return [name for name, path, _ in self._objects(position, channel) if not path.exists()]
+
+    def find_unreadable_chunk(self, position: int, channel: int) -> tuple[str, str] | None:
+        """Decode each chunk of ``(position, channel)`` alone; (name, error) of the first that fails, or None."""
+        im, _ = self._locate(position, channel)
+        for name, _, region in self._objects(position, channel):
+            try:
+                im.array[region]
+            except Exception as exc:
+                return name, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return None
+
+    def fingerprint(self, position: int, channel: int) -> str:
+        """Fingerprint of ``(position, channel)`` without reading its data.
+
+        SHA-256 of the (name, size, mtime_ns) of every stored object (chunk, or shard when sharded) that
+        covers it, plus the (z, y, x) shape, dtype and storage grid (not the number of positions, which
+        may grow). A missing object contributes (name, -1, -1). Any rewrite of a chunk changes its mtime,
+        so a changed input changes the fingerprint; the cost is one ``stat`` per object.
+        """
+        im, _ = self._locate(position, channel)
+        h = hashlib.sha256()
+        h.update(json.dumps([list(self.shape), str(self.dtype), list(_grid(im.array)[-3:])]).encode())
+        for name, path in self.stored_objects(position, channel):
+            try:
+                st = os.stat(path)
+                h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except FileNotFoundError:
+                h.update(f"{name}\0-1\0-1\n".encode())
+        return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open any supported input layout read-only (see the module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"input not found: {path}")
+    try:
+        node = zarr.open(str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a store"
+        raise StoreError(f"input is not a Zarr array or group: {path} ({type(exc).__name__}: {exc})") from None
+    if isinstance(node, zarr.Array):
+        if node.ndim != 5:
+            raise StoreError(f"input must be 5-D (position, channel, z, y, x); {path} has shape {tuple(node.shape)}")
+        ds = Dataset(str(p), "array", [_Image("", node, ("position", "c"))])
+    else:
+        ds = _open_group(node, str(p))
+    _check_consistent(ds)
+    return ds
+
+
+def _ome(attrs: dict[str, Any]) -> dict[str, Any]:
+    """NGFF metadata: under ``ome`` (0.5) or at the top of the attributes (0.4)."""
+    return dict(attrs["ome"]) if isinstance(attrs.get("ome"), dict) else attrs
+
+
+def _open_group(root: zarr.Group, path: str) -> Dataset:
+    attrs = dict(root.attrs)
+    meta = _ome(attrs)
+    if meta.get("bioformats2raw.layout") is not None:
+        if meta["bioformats2raw.layout"] != 3:
+            raise StoreError(f"unsupported bioformats2raw.layout {meta['bioformats2raw.layout']!r} (3 is): {path}")
+        images = [_image_in(root, s, path) for s in _series(root, path)]
+        return _dataset(path, "bioformats2raw", images)
+    if meta.get("multiscales"):
+        images = [_image(root, "", ms, path, i) for i, ms in enumerate(meta["multiscales"])]
+        layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") == 2 else "ome-zarr"
+        return _dataset(path, layout, images)
+    if "0" in root and isinstance(root["0"], zarr.Array):  # a group holding the plain array as "0"
+        return _dataset(path, "ome-zarr", [_image(root, "", {"datasets": [{"path": "0"}]}, path, 0)])
+    raise StoreError(
+        f"input group is neither an OME-Zarr image (no 'multiscales') nor a bioformats2raw root: {path}"
+    )
+
+
+def _series(root: zarr.Group, path: str) -> list[str]:
+    """Series paths of a bioformats2raw root: ``OME/``'s ``series`` list, else 0, 1, ... while they exist."""
+    if "OME" in root and isinstance(root["OME"], zarr.Group):
+        listed = _ome(dict(root["OME"].attrs)).get("series")
+        if listed:
+            return [str(s) for s in listed]
+    series = list(itertools.takewhile(lambda s: s in root, (str(i) for i in itertools.count())))
+    if not series:
+        raise StoreError(f"bioformats2raw root has no series groups (0, 1, ...): {path}")
+    return series
+
+
+def _member(group: zarr.Group, key: str, kind: type, missing: str, wrong: str) -> Any:
+    """``group[key]`` if it is a ``kind`` (zarr.Group or zarr.Array), else a one-line error."""
+    try:
+        node = group[key]
+    except KeyError:
+        raise StoreError(missing) from None
+    if not isinstance(node, kind):
+        raise StoreError(wrong)
+    return node
+
+
+def _image_in(root: zarr.Group, name: str, path: str) -> _Image:
+    g = _member(root, name, zarr.Group, f"series {name!r} listed in OME/ is missing from {path}",
+                f"series {name!r} of {path} is not a group")
+    multiscales = _ome(dict(g.attrs)).get("multiscales")
+    if not multiscales:
+        raise StoreError(f"series {name!r} of {path} is not an OME-Zarr image (no 'multiscales')")
+    return _image(g, name, multiscales[0], path, 0)
+
+
+def _image(group: zarr.Group, name: str, ms: dict[str, Any], path: str, index: int) -> _Image:
+    where = f"{path}/{name}" if name else path
+    try:
+        ds0 = ms["datasets"][0]
+        arr_path = str(ds0["path"])
+    except (KeyError, IndexError, TypeError):
+        raise StoreError(f"multiscales entry {index} of {where} has no datasets") from None
+    arr = _member(group, arr_path, zarr.Array, f"input group has no full-resolution array '{arr_path}': {where}",
+                  f"input '{where}/{arr_path}' is not an array")
+    label = f"{name}/{arr_path}" if name else arr_path
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes") or []]
+    if not axes:
+        if arr.ndim != 5:
+            raise StoreError(f"input must be 5-D (position, channel, z, y, x); {where}/{arr_path} has shape {tuple(arr.shape)}")
+        axes = ["position", "c", *SPACE]
+    if len(axes) != arr.ndim:
+        raise StoreError(f"{where}: {len(axes)} axes in the metadata but array '{arr_path}' is {arr.ndim}-D")
+    if tuple(axes[-3:]) != SPACE:
+        raise StoreError(f"{where}: the last three axes must be z, y, x; found {axes}")
+    leading = list(axes[:-3])
+    for i, a in enumerate(leading):
+        if a == "c":
+            continue
+        if a == "t":
+            if arr.shape[i] != 1:
+                raise StoreError(f"{label} has {arr.shape[i]} time points; dogflow reads images with t = 1")
+        elif i == 0:
+            leading[i] = "position"  # legacy: a first axis that is not t or c counts positions
+        else:
+            raise StoreError(f"{where}: unsupported axis {a!r} (axes must be (t,) (c,) z, y, x)")
+    voxel, unit = _voxel_size(ms, ds0, axes, where)
+    if not name and "/" in arr_path:  # one of several images in one group (dogflow's output): "3" for "3/0"
+        name = arr_path.rsplit("/", 1)[0]
+    return _Image(name, arr, tuple(leading), voxel, unit)
+
+
+def _voxel_size(ms: dict[str, Any], ds0: dict[str, Any], axes: list[str], where: str):
+    scale = np.ones(len(axes))
+    found = False
+    for transforms in (ms.get("coordinateTransformations") or [], ds0.get("coordinateTransformations") or []):
+        for t in transforms:
+            if t.get("type") == "scale" and "scale" in t:
+                if len(t["scale"]) != len(axes):
+                    raise StoreError(f"{where}: a scale has {len(t['scale'])} values for {len(axes)} axes")
+                scale = scale * np.asarray(t["scale"], dtype=float)
+                found = True
+    if not found:
+        return None, None
+    axis_meta = [a for a in ms.get("axes") or [] if isinstance(a, dict)]
+    units = [a.get("unit") for a in axis_meta[-3:]] if len(axis_meta) == len(axes) else [None] * 3
+    zyx = tuple(float(s) for s in scale[-3:])
+    if len(set(units)) == 1:
+        return zyx, units[0]
+    if all(u in _UM_PER for u in units):  # mixed known units: micrometers on every axis
+        return tuple(v * _UM_PER[u] for v, u in zip(zyx, units)), "micrometer"
+    raise StoreError(f"{where}: the z, y, x axes have different or unknown units {units}")
+
+
+def _dataset(path: str, layout: str, images: list[_Image]) -> Dataset:
+    first = images[0]
+    return Dataset(path, layout, images, first.voxel_size, first.unit)
+
+
+def _check_consistent(ds: Dataset) -> None:
+    first = ds.images[0]
+    if not _is_real_numeric(first.array.dtype):
+        raise StoreError(f"input must be a real numeric array; {ds.path} has dtype {first.array.dtype}")
+    for im in ds.images[1:]:
+        what = None
+        if tuple(im.array.shape[-3:]) != ds.shape:
+            what = f"shape (z,y,x) {tuple(im.array.shape[-3:])}, not {ds.shape}"
+        elif im.n_channels != ds.n_channels:
+            what = f"{im.n_channels} channels, not {ds.n_channels}"
+        elif im.array.dtype != ds.dtype:
+            what = f"dtype {im.array.dtype}, not {ds.dtype}"
+        elif im.unit != ds.unit or (im.voxel_size is None) != (ds.voxel_size is None) or (
+            im.voxel_size is not None and not np.allclose(im.voxel_size, ds.voxel_size, rtol=1e-6, atol=0)
+        ):
+            what = f"voxel size {im.voxel_size} {im.unit or ''}, not {ds.voxel_size} {ds.unit or ''}".replace("  ", " ")
+        if what:
+            raise StoreError(
+                f"input series {im.name or '?'} has {what} (series {first.name or '0'}); "
+                f"dogflow needs every position alike: {ds.path}"
+            )
