@@ -60,12 +60,16 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
         if temporary_api is not None:
             temporary_api.stop()
         _fail(str(exc))
-    profile = spec.profile
-    # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
-    runner = profile.session()
-    with runner, prefect_api(temporary_api), handing_over(spec), _progress_bar(show_progress):
-        from flows.dog_filter import dog_filter
+    from flows.dog_filter import dog_filter, pending_work
 
+    if temporary_api is not None and not (request.force or request.overwrite) and not pending_work(spec)[0]:
+        # Every selected position is complete and unchanged, and no Prefect server keeps a record of this
+        # run: say so without starting Prefect (a run against a configured API still runs the flow).
+        temporary_api.stop()
+        return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": 0,
+                "skipped": len(spec.positions), "failed": [], "positions": []}
+    # inside `srun -n N` (runner mode) only rank 1 gets past the session's __enter__ and runs the flow
+    with spec.profile.session(), prefect_api(temporary_api), handing_over(spec), _progress_bar(show_progress):
         state = dog_filter(**request.parameters(), return_state=True)
     if state.is_completed():
         return state.result()

@@ -131,14 +131,21 @@ def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
         raise
 
 
-def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
-    """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
-    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[store.MarkerRow]]:
+    """The channels of each selected position that are not complete (all of them with ``force``), and the
+    state of every (position, channel); reads markers only, writes nothing."""
     rows = store.scan(spec.output_path, open_dataset(spec.input_path), spec.params, spec.positions, spec.channels)
     pending: dict[int, list[int]] = {}
     for r in rows:
         if spec.request.force or r.state != "complete":
             pending.setdefault(r.position, []).append(r.channel)
+    return pending, rows
+
+
+def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
+    """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
+    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+    pending, rows = pending_work(spec)
     stale = [r for r in rows if r.state == "stale"]
     skipped = len(spec.positions) - len(pending)
     logger.info(
