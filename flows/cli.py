@@ -219,7 +219,7 @@ def plan(
             raise ParameterError(f"channel {channel} out of range: the input has {arr.shape[1]} channels")
         pos = parse_positions(positions, arr.shape[0])
         prof = clusters.load_profile(cluster)
-        prof.preflight(clusters.memory_needed_per_task(tuple(arr.shape[2:]), str(arr.dtype), output_dtype))
+        prof.check_memory(clusters.memory_needed_per_task(tuple(arr.shape[2:]), str(arr.dtype), output_dtype))
         lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))

@@ -165,6 +165,10 @@ class ClusterProfile:
             if iface not in names:
                 raise ProfileError(f"{self.name}: network interface {iface!r} does not exist on this host; "
                                    f"choose one of {', '.join(names)}")
+        return self.check_memory(need_bytes_per_task)
+
+    def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
+        """The memory part of :meth:`preflight` alone (``dogflow plan``, which may run on another host)."""
         self.need = int(need_bytes_per_task)
         slots, have = self.task_slots_and_memory()
         if have is not None and have < self.need:

@@ -122,11 +122,10 @@ class LocalProfile(ClusterProfile):
                                 memory_limit=self._memory_limit, threads_per_task=self.fixed_threads, name=self.name)
         return self._plan
 
-    def preflight(self, need_bytes_per_task: int) -> tuple[int, int | None]:
-        self.need = int(need_bytes_per_task)
+    def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
         self._plan = None
-        self.plan(self.need)  # refuses a position that cannot fit
-        return super().preflight(need_bytes_per_task)
+        self.plan(int(need_bytes_per_task))  # refuses a position that cannot fit
+        return super().check_memory(need_bytes_per_task)
 
     def task_slots_and_memory(self) -> tuple[int, int | None]:
         plan = self.plan()
