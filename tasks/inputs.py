@@ -40,7 +40,6 @@ class StoreError(ValueError):
     """A problem with an input or output store, phrased for the user (one line)."""
 
 
-LAYOUTS = ("array", "ome-zarr", "bioformats2raw", "dogflow")
 SPACE = ("z", "y", "x")
 _UM_PER = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "picometer": 1e-6,
            "centimeter": 1e4, "meter": 1e6}
@@ -150,11 +149,6 @@ class Dataset:
                 return im, im.index(position, channel)
             position -= im.n_positions
         raise AssertionError("unreachable")
-
-    def position_name(self, position: int) -> str:
-        """The image (series group) that holds ``position``, for messages: e.g. ``"3"``."""
-        im, _ = self._locate(position, 0)
-        return im.name
 
     def read(self, position: int, channel: int) -> np.ndarray:
         """The (z, y, x) volume of one position and channel, as stored (dtype of the input)."""
