@@ -43,9 +43,13 @@ def _progress_bar(show: bool) -> Iterator[None]:
             yield
 
 
-def run_flow(request, show_progress: bool = True) -> dict:
-    """Validate ``request``, then run the ``dog-filter`` flow on it in this process (raises typer.Exit on errors)."""
-    from flows import clusters
+def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
+    """Validate ``request``, then run the ``dog-filter`` flow on it in this process (raises typer.Exit on errors).
+
+    ``temporary_api``: a temporary Prefect server the command started early (:mod:`flows.api`); it is
+    stopped when the run ends, or at once when the request is refused.
+    """
+    from flows.api import prefect_api
     from flows.request import ParameterError, handing_over
     from tasks.store import RunLock, RunLockedError
 
@@ -53,51 +57,24 @@ def run_flow(request, show_progress: bool = True) -> dict:
         spec = request.validate()
         RunLock(spec.output_path).check()  # refuse at once, before Prefect starts, when a live run holds the output
     except (ParameterError, RunLockedError) as exc:
+        if temporary_api is not None:
+            temporary_api.stop()
         _fail(str(exc))
-    profile = spec.profile
-    # inside `srun -n N` (runner mode) only rank 1 gets past slurm_runner's __enter__ and runs the flow
-    runner = clusters.slurm_runner(profile) if profile.cluster_type == clusters.RUNNER_TYPE else contextlib.nullcontext()
-    with runner, prefect_api(), handing_over(spec), _progress_bar(show_progress):
-        from flows.dog_filter import dog_filter
+    from flows.dog_filter import dog_filter, pending_work
 
+    if temporary_api is not None and not (request.force or request.overwrite) and not pending_work(spec)[0]:
+        # Every selected position is complete and unchanged, and no Prefect server keeps a record of this
+        # run: say so without starting Prefect (a run against a configured API still runs the flow).
+        temporary_api.stop()
+        return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": 0,
+                "skipped": len(spec.positions), "failed": [], "positions": []}
+    # inside `srun -n N` (runner mode) only rank 1 gets past the session's __enter__ and runs the flow
+    with spec.profile.session(), prefect_api(temporary_api), handing_over(spec), _progress_bar(show_progress):
         state = dog_filter(**request.parameters(), return_state=True)
     if state.is_completed():
         return state.result()
     err = state.result(raise_on_failure=False)
     _fail(str(err).splitlines()[0] if err else f"flow ended {state.name}", code=1)
-
-
-@contextlib.contextmanager
-def prefect_api():
-    """Use the configured Prefect API; without one, start a temporary local one for this run.
-
-    The URL is exported in ``PREFECT_API_URL`` so that Dask worker processes, which
-    report task states themselves, talk to the same API instead of each starting
-    their own temporary server.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
-        from prefect.logging.handlers import APILogHandler
-
-        APILogHandler().flush()  # ship the last log lines before the temporary API goes away
-        server.stop()
 
 
 @app.command()
@@ -126,14 +103,18 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect and Dask INFO logs too"),
 ) -> None:
     """Filter INPUT into OUTPUT (one task per position)."""
-    from flows import runlog
+    from flows import api, runlog
+
+    temporary_api = api.start_temporary_api()  # boots while this process imports and validates
+    runlog.quiet_terminal(verbose)
     from flows.request import ParameterError, RunRequest, sigma_or_fwhm
 
-    runlog.quiet_terminal(verbose)
     try:
         s_small = sigma_or_fwhm(sigma_small, fwhm_small, "small")
         s_large = sigma_or_fwhm(sigma_large, fwhm_large, "large")
     except ParameterError as exc:
+        if temporary_api is not None:
+            temporary_api.stop()
         _fail(str(exc))
     request = RunRequest(
         input_path, output_path, channel=channel, channels=channels, voxel_size=voxel_size,
@@ -142,7 +123,7 @@ def run(
         positions=positions, truncate=truncate, mode=mode, output_dtype=output_dtype, overwrite=overwrite,
         force=force, cluster=cluster, retries=retries, retry_delay_seconds=retry_delay,
     )
-    summary = run_flow(request, show_progress=progress)
+    summary = run_flow(request, show_progress=progress, temporary_api=temporary_api)
     typer.echo(
         f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
         f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
@@ -156,18 +137,21 @@ def demo(
     cluster: str = typer.Option("local", help="cluster profile"),
 ) -> None:
     """Write a small synthetic 5-D dataset, filter it, and say where the result is."""
-    from flows import runlog
+    from flows import api, runlog
+
+    temporary_api = api.start_temporary_api()  # boots while the sample is written
+    runlog.quiet_terminal(False)
     from flows.request import RunRequest
     from flows.sample import make_sample
 
-    runlog.quiet_terminal(False)
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     inp, out = wd / "sample.zarr", wd / "sample-dog.zarr"
     arr = make_sample(inp, positions=positions)
     typer.echo(f"dogflow demo: sample dataset {inp} shape {tuple(arr.shape)} uint16")
     summary = run_flow(RunRequest(str(inp), str(out), sigma_small=[1.0, 2.0, 2.0], sigma_large=[3.0, 6.0, 6.0],
-                                  overwrite=True, force=True, cluster=cluster, retry_delay_seconds=1.0))
+                                  overwrite=True, force=True, cluster=cluster, retry_delay_seconds=1.0),
+                       temporary_api=temporary_api)
     typer.echo(f"dogflow demo: {summary['processed']} positions filtered.")
     typer.echo(f"dogflow demo: output is {out} (OME-Zarr; position P is array 'P/0', shape (C, Z, Y, X) float32)")
     typer.echo(f"dogflow demo: inspect it with `.venv/bin/dogflow status {out}`")
@@ -184,6 +168,7 @@ def plan(
     """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
     from flows import clusters
     from flows.request import ParameterError, parse_channels, parse_positions
+    from tasks import filters
     from tasks.inputs import StoreError, open_dataset
 
     try:
@@ -191,26 +176,15 @@ def plan(
         parse_channels(None, ds.n_channels, channel)
         pos = parse_positions(positions, ds.n_positions)
         prof = clusters.load_profile(cluster)
-        need, have = clusters.check_memory(prof, ds.shape, str(ds.dtype), output_dtype)
+        prof.check_memory(filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, output_dtype))
+        lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
-    slots, _ = clusters.task_slots_and_memory(prof)
     typer.echo(f"input: {input_path} ({ds.layout}) positions {ds.n_positions}, channels {ds.n_channels}, "
                f"(z, y, x) {ds.shape} {ds.dtype}")
     typer.echo(f"positions: {len(pos)}")
-    typer.echo(f"memory per task: {need / 2**30:.2f} GiB needed, "
-               + (f"{have / 2**30:.2f} GiB available" if have else "unknown available"))
-    typer.echo(f"profile: {prof.source} ({prof.cluster_type})")
-    typer.echo(f"threads per task: {clusters.threads_per_task(prof) or 'auto'}")
-    if prof.is_batch:
-        processes = int(prof.kwargs.get("processes") or 1)
-        workers = prof.max_workers or prof.n_workers or 1
-        jobs = -(-workers // processes)
-        typer.echo(f"workers: {workers} ({'adaptive ' + str(prof.min_workers) + '-' + str(prof.max_workers) if prof.adaptive else 'fixed'}), "
-                   f"jobs: {'up to ' if prof.adaptive else ''}{jobs}, task slots per job: {slots * processes}")
-        typer.echo(f"TLS: {'off' if prof.kwargs.get('security') is False else 'on (certificates in ' + str(prof.kwargs.get('shared_temp_directory')) + ')'}")
-        typer.echo("job script (one worker job):")
-        typer.echo(clusters.job_script(prof))
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import outcomes, reports, runlog
+from flows import clusters, outcomes, reports, runlog
 from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
 from tasks import defaults, store
 from tasks.inputs import open_dataset
@@ -42,7 +42,7 @@ def dog_filter(
     output_dtype: Literal[defaults.OUTPUT_DTYPES] = defaults.OUTPUT_DTYPE,  # type: ignore[valid-type]
     overwrite: bool = False,
     force: bool = False,
-    cluster: str = defaults.CLUSTER,
+    cluster: Union[clusters.ProfileName, str] = defaults.CLUSTER,
     retries: int = defaults.RETRIES,
     retry_delay_seconds: float = defaults.RETRY_DELAY_SECONDS,
     allow_missing_chunks: bool = False,
@@ -73,6 +73,8 @@ def dog_filter(
     """
     request = RunRequest(**locals())
     logger = get_run_logger()
+    if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
+        return _no_dataset(logger)
     spec = _validate(request, logger)
     with store.RunLock(spec.output_path, run_id=str(flow_run.get_id() or "")), \
             runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
@@ -113,6 +115,14 @@ def filter_positions(
     return sorted(rows, key=lambda r: r["position"])
 
 
+def _no_dataset(logger: logging.Logger):
+    from prefect.states import Completed
+
+    msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
+    logger.warning(msg)
+    return Completed(name="Skipped", message=msg)
+
+
 def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
     try:
         return validated(request)
@@ -121,14 +131,21 @@ def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
         raise
 
 
-def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
-    """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
-    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[store.MarkerRow]]:
+    """The channels of each selected position that are not complete (all of them with ``force``), and the
+    state of every (position, channel); reads markers only, writes nothing."""
     rows = store.scan(spec.output_path, open_dataset(spec.input_path), spec.params, spec.positions, spec.channels)
     pending: dict[int, list[int]] = {}
     for r in rows:
         if spec.request.force or r.state != "complete":
             pending.setdefault(r.position, []).append(r.channel)
+    return pending, rows
+
+
+def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
+    """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
+    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+    pending, rows = pending_work(spec)
     stale = [r for r in rows if r.state == "stale"]
     skipped = len(spec.positions) - len(pending)
     logger.info(
@@ -147,11 +164,8 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dic
     if not pending:
         reports.announce(skipped, len(spec.positions))
         return []
-    from flows import clusters
-
-    runner = clusters.build_task_runner(spec.profile)
-    return filter_positions.with_options(task_runner=runner)(
-        spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), clusters.threads_per_task(spec.profile),
+    return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
+        spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), spec.profile.threads_per_task(),
         spec.request.retries, spec.request.retry_delay_seconds, spec.request.allow_missing_chunks, skipped,
         list(pending.values()),
     )

@@ -172,7 +172,7 @@ class RunRequest:
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
         need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, self.output_dtype)
-        profile = _profile(self.cluster, ds.shape, str(ds.dtype), self.output_dtype)
+        profile = _profile(self.cluster, need)
         return RunSpec(self, in_abs, out_abs, (ds.n_positions, ds.n_channels, *ds.shape), str(ds.dtype),
                        tuple(positions), tuple(channels), params, output, profile, need)
 
@@ -220,11 +220,11 @@ class RunRequest:
         return in_abs, out_abs
 
 
-def _profile(name: str, zyx: tuple[int, ...], input_dtype: str, output_dtype: str) -> Any:
-    """The run's cluster profile, checked on this host (interface, memory per task)."""
+def _profile(name: str, need_bytes: int) -> Any:
+    """The run's cluster profile, checked (and, for ``local``, sized) on this host for ``need_bytes`` per task."""
     try:
         profile = clusters.load_profile(name)
-        clusters.preflight(profile, tuple(zyx), input_dtype, output_dtype)
+        profile.preflight(need_bytes)
     except clusters.ProfileError as exc:
         raise ParameterError(str(exc)) from None
     return profile

@@ -18,6 +18,7 @@ from typing import Iterator
 from tasks import store
 
 LOGGERS = ("prefect", "distributed")
+TERMINAL_LEVEL = "DOGFLOW_TERMINAL_LOG_LEVEL"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -26,9 +27,7 @@ def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
     """Copy this run's Prefect and Dask log lines (INFO and up) into the run log file; yields its path."""
     path = store.run_log_path(output_path, run_name or "run", os.environ.get("SLURM_JOB_ID"),
                               folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.setLevel(logging.INFO)
+    handler = _FileLog(path)
     for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
     try:
@@ -39,15 +38,37 @@ def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
         handler.close()
 
 
+class _FileLog(logging.Handler):
+    """INFO and up into a file. Not a ``StreamHandler``: Dask's ``silence_logging`` (which LocalCluster and
+    workers apply to every stream handler of the ``distributed`` logger) must not silence the run log."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.INFO)
+        self._file = logging.FileHandler(path)
+        self._file.setFormatter(logging.Formatter(_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._file.emit(record)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def quiet_terminal(verbose: bool) -> None:
     """Console output of Prefect and Dask: warnings and errors only, unless ``verbose``.
 
-    Prefect's console handler level is set through its environment override (inherited by Dask worker
-    processes); Dask's own stream handlers are raised to WARNING, and the loggers stay at INFO so the
-    run log file and the Prefect API still get every line.
+    In this process, Prefect's console handler and Dask's stream handlers are set to that level while the
+    loggers stay at INFO, so the run log file and the Prefect API still get every line. Processes started
+    from here get it through the environment: Prefect's console handler override, and
+    ``$DOGFLOW_TERMINAL_LOG_LEVEL``, which the local cluster passes to Dask as ``silence_logs`` (its
+    worker processes share this terminal).
     """
+    import distributed  # noqa: F401  (sets up Dask's logging, whose handlers are adjusted below)
+
     level = "INFO" if verbose else "WARNING"
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = level
+    os.environ[TERMINAL_LEVEL] = level
     for name in ("", "distributed"):  # Prefect's console handler sits on the root logger
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):

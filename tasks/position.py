@@ -63,13 +63,18 @@ def filter_channel(ds: Dataset, output_path: str, position: int, channel: int, p
     # Unmark first: from here until the new marker lands, this (position, channel) is not complete.
     store.clear_marker(output_path, position, channel)
     volume = read_volume(ds, position, channel, allow_missing_chunks)
+    t1 = time.perf_counter()
     result = filters.FILTERS[defaults.FILTER].apply(volume, p, threads)
+    t2 = time.perf_counter()
     store.write_preview(output_path, position, channel, preview.preview_png(volume, result))
     del volume  # free the input before the pyramid is built
     stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64))}
+    t3 = time.perf_counter()
     levels = store.write_levels(output_path, position, channel, result, p.output_dtype)
     del result
-    stats.update(channel=int(channel), levels=levels, seconds=round(time.perf_counter() - t0, 3))
+    t4 = time.perf_counter()
+    stats.update(channel=int(channel), levels=levels, seconds=round(t4 - t0, 3), read_seconds=round(t1 - t0, 3),
+                 filter_seconds=round(t2 - t1, 3), write_seconds=round(t4 - t3, 3))
     summary = {"position": int(position), **stats, "host": socket.gethostname(),
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "threads": threads}
     store.write_marker(output_path, position, channel, store.marker_record(p, fingerprint, summary))
@@ -100,6 +105,7 @@ def process_position(
         "min": min(s["min"] for s in per_channel),
         "max": max(s["max"] for s in per_channel),
         "mean": float(np.mean([s["mean"] for s in per_channel])),
+        **{k: round(sum(s[k] for s in per_channel), 3) for k in ("read_seconds", "filter_seconds", "write_seconds")},
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "threads": nthreads,

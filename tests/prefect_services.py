@@ -213,15 +213,17 @@ class PrefectServer:
                 yield c
 
 
-def deploy(server: PrefectServer, site: dict[str, Any], log: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """`bash deployments/deploy.sh SITE_ENV`: Prefect variables, the process pool, `prefect --no-prompt deploy --all`."""
+def deploy(server: PrefectServer, site: dict[str, Any], log: Optional[Path] = None,
+           env: Optional[dict[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`bash deployments/deploy.sh SITE_ENV` (= make deploy): prefect.yaml with the site values, the process
+    pool, `prefect --no-prompt deploy --all --prefect-file ...`. ``env``: DOGFLOW_* exported in the shell."""
     site_env = server.workdir / "site.env"
     site_env.write_text("".join(f"{k}={_env_value(v)}\n" for k, v in site.items()))
     res = subprocess.run(["bash", str(ROOT / "deployments" / "deploy.sh"), str(site_env)], cwd=ROOT,
-                         env=server.client_env(), capture_output=True, text=True, timeout=300)
+                         env=server.client_env(**(env or {})), capture_output=True, text=True, timeout=300)
     if log is not None:
         log.write_text(f"[rc={res.returncode}]\n{res.stdout}\n{res.stderr}\n")
-    if res.returncode != 0:
+    if check and res.returncode != 0:
         raise AssertionError(f"deploy.sh -> {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     return res
 
@@ -267,6 +269,28 @@ class Worker:
             return any(w.name == "dogflow-test-worker" for w in c.read_workers_for_work_pool(self.pool))
 
     stop = PrefectServer.stop
+
+
+class PlainWorker(Worker):
+    """`prefect worker start --pool hpc`, exactly as a Prefect user types it (venv on PATH, API in the
+    environment, started from a folder outside the checkout; no dogflow wrapper, no DOGFLOW_* variables)."""
+
+    def start(self, timeout: float = 90.0) -> "PlainWorker":
+        env = self.server.client_env(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1")
+        env["PREFECT_HOME"] = str(self.server.workdir / "plain-worker-home")
+        cwd = self.server.workdir / "elsewhere"
+        cwd.mkdir(exist_ok=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "prefect"), "worker", "start", "--pool", self.pool], cwd=cwd, env=env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        _await_ready(self, self._registered, timeout, 1.0, "prefect worker did not register")
+        return self
+
+    def _registered(self) -> bool:
+        with self.server.client() as c:
+            return bool(c.read_workers_for_work_pool(self.pool))
 
 
 # --- flow runs -------------------------------------------------------------------

@@ -155,6 +155,14 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
     st = run_cli("status", out)
     assert st.returncode == 0
     assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout
+    # the same run again: nothing to do, said at once (no temporary Prefect server), nothing rewritten
+    from tasks import store
+
+    before = {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)}
+    again = run_cli("run", inp, out, "--channel", "1", "--fwhm-small", "2.5,4,4", "--fwhm-large", "6,12,10")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 position(s) filtered, 3 already complete" in again.stdout and again.stderr == ""
+    assert {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)} == before
 
 
 def test_plan_prints_job_script_and_memory_without_submitting(sample):

@@ -1,6 +1,10 @@
-"""prefect.yaml end to end: a real `prefect server start`, `deployments/deploy.sh`
-(`prefect --no-prompt deploy --all`), a real process worker (`infra/prefect/worker.sh`)
-and real flow runs started with `prefect deployment run`.
+"""prefect.yaml end to end, with the commands a Prefect user types, against a real `prefect server start`:
+
+1. plain: `prefect work-pool create hpc --type process`, `prefect --no-prompt deploy --all` from the
+   repository root on a server with nothing set, `prefect worker start --pool hpc`, and
+   `prefect deployment run dog-filter/on-demand --params ... --watch` (the embedded `local` profile);
+2. site: `deployments/deploy.sh SITE_ENV` (= make deploy) overrides the defaults (lean profile, channel,
+   σ, the nightly dataset and time zone), and real nightly runs follow.
 
 One server + worker serve the whole module; the auth test starts a second server.
 Service logs, site/worker env files and CLI transcripts are under the module's tmp dir
@@ -17,11 +21,12 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import assert_output_exact
+from conftest import ROOT, assert_output_exact
 from flows.sample import make_sample, sample_volume
 from tasks import store
 from prefect_services import (
     POOL,
+    PlainWorker,
     PrefectServer,
     Worker,
     completed_positions,
@@ -40,8 +45,8 @@ SHAPE = (8, 32, 32)
 CHUNKS = (4, 16, 16)
 SS, SL = 1.0, 2.5
 CHANNEL = 1
-# A lean LocalCluster (one in-process worker, 2 threads): the flow runs here test the
-# deployments, not Dask; the default "local" profile runs in tests/test_ui.py.
+# A lean LocalCluster (one in-process worker, 2 threads) for the site deployments: those runs
+# test the deployments, not Dask; the plain deployment runs the embedded `local` profile.
 LEAN_PROFILE = """\
 cluster_type: local
 n_workers: 1
@@ -76,6 +81,7 @@ class Site:
         self.cli_log = workdir / "cli.log"
         self.nightly_in = workdir / "nightly-in.zarr"
         self.nightly_out = workdir / "nightly-out.ome.zarr"
+        self.lean_profile = workdir / "lean-cluster.yaml"
 
     def run(self, name, params=None, watch=True, timeout=300):
         return run_deployment(self.server, name, params, watch=watch, timeout=timeout, log=self.cli_log)
@@ -88,25 +94,17 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def plain(tmp_path_factory):
+    """A fresh server with nothing set; the user's commands: pool, `deploy --all` from the checkout, worker."""
     workdir = tmp_path_factory.mktemp("deployments")
     server = PrefectServer(workdir).start()
     worker = None
     try:
         s = Site(workdir, server, None)  # type: ignore[arg-type]
-        _sample(s.nightly_in, positions=3, seed=11)
-        profile = workdir / "lean-cluster.yaml"
-        profile.write_text(LEAN_PROFILE)
-        deploy(server, {
-            "DOGFLOW_INPUT_PATH": str(s.nightly_in),
-            "DOGFLOW_OUTPUT_PATH": str(s.nightly_out),
-            "DOGFLOW_CLUSTER": str(profile),
-            "DOGFLOW_CHANNEL": CHANNEL,
-            "DOGFLOW_SIGMA_SMALL": SS,
-            "DOGFLOW_SIGMA_LARGE": SL,
-            "DOGFLOW_TIMEZONE": "Europe/Berlin",
-        }, log=workdir / "deploy.log")
-        worker = Worker(server).start()
+        server.cli("work-pool", "create", POOL, "--type", "process", log=s.cli_log)
+        res = server.cli("--no-prompt", "deploy", "--all", log=s.cli_log)  # cwd: the repository root
+        assert "dog-filter/nightly" in res.stdout and "dog-filter/on-demand" in res.stdout, res.stdout
+        worker = PlainWorker(server).start()
         s.worker = worker
         yield s
     finally:
@@ -115,30 +113,109 @@ def site(tmp_path_factory):
         server.stop()
 
 
-def test_deploy_all_creates_both_deployments(site):
-    with site.server.client() as c:
+@pytest.fixture(scope="module")
+def site(plain):
+    """The same server after `make deploy` with this site's values (an exported variable beats the file)."""
+    _sample(plain.nightly_in, positions=3, seed=11)
+    plain.lean_profile.write_text(LEAN_PROFILE)
+    res = deploy(plain.server, {
+        "DOGFLOW_INPUT_PATH": str(plain.nightly_in),
+        "DOGFLOW_OUTPUT_PATH": str(plain.nightly_out),
+        "DOGFLOW_CLUSTER": "local",  # overridden by the environment below
+        "DOGFLOW_CHANNEL": CHANNEL,
+        "DOGFLOW_SIGMA_SMALL": SS,
+        "DOGFLOW_SIGMA_LARGE": SL,
+        "DOGFLOW_TIMEZONE": "America/New_York",
+    }, env={"DOGFLOW_CLUSTER": str(plain.lean_profile)}, log=plain.workdir / "deploy.log")
+    assert "nightly schedule active" in res.stdout, res.stdout
+    return plain
+
+
+def _schema(dep) -> dict:
+    return dep.parameter_openapi_schema["properties"]
+
+
+def test_plain_deploy_all_has_working_defaults(plain):
+    from flows.clusters import shipped_profiles
+    from tasks.defaults import SEED_SIGMA_LARGE, SEED_SIGMA_SMALL
+
+    with plain.server.client() as c:
         pool = c.read_work_pool(POOL)
         nightly = c.read_deployment_by_name("dog-filter/nightly")
         on_demand = c.read_deployment_by_name("dog-filter/on-demand")
-        variables = {v.name: v.value for v in c.read_variables()}
-    assert pool.type == "process"
+        variables = c.read_variables()
+    assert pool.type == "process" and variables == []  # nothing set on the server
     for d in (nightly, on_demand):
         assert d.work_pool_name == POOL
         assert d.entrypoint == "flows/dog_filter.py:dog_filter"
-        assert d.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DOGFLOW_HOME }}"}}
-        ]
-    # per-site values came from the site env file, through Prefect variables
-    assert variables["dogflow_input_path"] == str(site.nightly_in)
-    assert nightly.parameters["input_path"] == str(site.nightly_in)
-    assert nightly.parameters["output_path"] == str(site.nightly_out)
-    assert nightly.parameters["sigma_small"] == SS and nightly.parameters["sigma_large"] == SL
-    assert nightly.parameters["channel"] == CHANNEL and nightly.parameters["cluster"].endswith("lean-cluster.yaml")
-    assert "input_path" not in on_demand.parameters and on_demand.parameters["sigma_small"] == SS
-    assert on_demand.schedules == []
-    assert nightly.concurrency_options is not None
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        props = _schema(d)
+        assert props["sigma_small"]["default"] == SEED_SIGMA_SMALL and props["sigma_large"]["default"] == SEED_SIGMA_LARGE
+        assert props["channel"]["default"] == 0 and props["cluster"]["default"] == "local"
+        # the UI form offers the shipped profile names, and still takes any text (a YAML path)
+        assert {"enum": shipped_profiles(), "type": "string"} in props["cluster"]["anyOf"]
+        assert {"type": "string"} in props["cluster"]["anyOf"]
+    assert on_demand.parameters == {} and on_demand.schedules == []
+    assert nightly.parameters == {"input_path": "", "output_path": ""}
+    [sched] = nightly.schedules
+    assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("0 2 * * *", "Europe/Berlin", False)
     assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+
+
+def test_plain_on_demand_run_is_exact(plain):
+    """`prefect deployment run dog-filter/on-demand --params '{...}' --watch` on the embedded local profile."""
+    inp = _sample(plain.workdir / "plain-in.zarr", positions=2, seed=7)
+    out = plain.workdir / "plain-out.ome.zarr"
+    params = {"input_path": str(inp), "output_path": str(out), "sigma_small": 1.0, "sigma_large": 2.0}
+    fr_id, res = plain.run("dog-filter/on-demand", params)
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout + res.stderr + plain.debug(fr_id)
+    _assert_output_exact(inp, out, 1.0, 2.0, channel=0)
+    assert "infra/clusters/local.yaml" in flow_run_logs(plain.server, fr_id)  # the embedded default ran it
+
+
+def test_plain_nightly_without_a_dataset_says_so(plain):
+    fr_id, res = plain.run("dog-filter/nightly")
+    assert res.returncode == 0, res.stdout + res.stderr + plain.debug(fr_id)
+    state = flow_run_state(plain.server, fr_id)
+    assert state.is_completed() and "no dataset configured" in (state.message or ""), state
+
+
+def test_site_values_override_the_defaults(site):
+    with site.server.client() as c:
+        nightly = c.read_deployment_by_name("dog-filter/nightly")
+        on_demand = c.read_deployment_by_name("dog-filter/on-demand")
+    assert nightly.parameters == {"input_path": str(site.nightly_in), "output_path": str(site.nightly_out),
+                                  "cluster": str(site.lean_profile), "channel": CHANNEL,
+                                  "sigma_small": SS, "sigma_large": SL}
+    assert on_demand.parameters == {"cluster": str(site.lean_profile), "channel": CHANNEL,
+                                    "sigma_small": SS, "sigma_large": SL}
+    [sched] = nightly.schedules
+    assert (sched.schedule.timezone, sched.active) == ("America/New_York", True)
+    for d in (nightly, on_demand):
+        assert d.work_pool_name == POOL
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"DOGFLOW_INPUT_PATH": "/data/in.zarr"}, "give both DOGFLOW_INPUT_PATH and DOGFLOW_OUTPUT_PATH"),
+        ({"DOGFLOW_TIMEZONE": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ({"DOGFLOW_CLUSTER": "nosuch"}, "unknown cluster profile 'nosuch'"),
+        ({"DOGFLOW_SIGMA_SMALL": "[1, 2]x"}, "sigma_small"),
+        ({"DOGFLOW_CHANNEL": "one"}, "channel"),
+    ],
+)
+def test_bad_site_values_are_refused_before_deploying(site, values, message):
+    with site.server.client() as c:
+        before = c.read_deployment_by_name("dog-filter/on-demand").updated
+    res = deploy(site.server, values, check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deploy.sh: error: ") and message in lines[0], res.stderr
+    with site.server.client() as c:
+        assert c.read_deployment_by_name("dog-filter/on-demand").updated == before
 
 
 def test_nightly_schedule_and_scheduled_runs(site):
@@ -151,7 +228,7 @@ def test_nightly_schedule_and_scheduled_runs(site):
         [sched] = nightly.schedules
         assert sched.active
         assert sched.schedule.cron == "0 2 * * *"
-        assert sched.schedule.timezone == "Europe/Berlin"
+        assert sched.schedule.timezone == "America/New_York"
         runs = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -168,20 +245,8 @@ def test_nightly_schedule_and_scheduled_runs(site):
     from zoneinfo import ZoneInfo
 
     for fr in runs:
-        local = fr.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
+        local = fr.expected_start_time.astimezone(ZoneInfo("America/New_York"))
         assert (local.hour, local.minute) == (2, 0), local
-
-
-def test_on_demand_run_is_exact(site):
-    inp = _sample(site.workdir / "adhoc-in.zarr", positions=2, seed=5)
-    out = site.workdir / "adhoc-out.ome.zarr"
-    params = {"input_path": str(inp), "output_path": str(out), "channel": 0, "sigma_small": 1.2,
-              "sigma_large": [1.5, 3.0, 3.0], "positions": "0-1"}
-    fr_id, res = site.run("dog-filter/on-demand", params)
-    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout + res.stderr + site.debug(fr_id)
-    assert flow_run_state(site.server, fr_id).is_completed()
-    _assert_output_exact(inp, out, 1.2, [1.5, 3.0, 3.0], channel=0)
-    assert processed_count(summary_markdown(site.server, fr_id)) == 2
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ that skip into a failure. Start it with ``bash infra/slurm/slurm.sh start``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 import shutil
 import subprocess
 import threading
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from flows import clusters
+from flows.clusters.base import import_class
 from flows.sample import make_sample
 from tasks.store import read_marker
 
@@ -206,10 +209,10 @@ def test_tls_scheduler_refuses_plain_tcp(tmp_path):
 
     prof = clusters.load_profile(str(FIXED))
     assert prof.kwargs["security"] is True
-    args = clusters.runner_arguments(prof)
+    args = prof.runner_arguments()
     kwargs = {**args["cluster_kwargs"], "n_workers": 1}
-    cls = clusters._import_class(args["cluster_class"])
-    clusters._prepare_directories(prof)
+    cls = import_class(args["cluster_class"])
+    prof.prepare()
     with QueueWatch("dogflow-worker") as watch:
         with cls(**kwargs) as cluster:
             addr = cluster.scheduler_address
@@ -231,34 +234,74 @@ def test_tls_scheduler_refuses_plain_tcp(tmp_path):
         assert not watch.wait_empty(30)
 
 
-@pytest.mark.timeout(240)
-def test_runner_mode_sbatch(small, tmp_path):
+@pytest.mark.timeout(300)
+def test_runner_mode_sbatch_with_tls(small, tmp_path):
+    """`sbatch dogflow-runner.sbatch`: the batch step writes the certificate, `srun -n 4` runs scheduler,
+    flow and 2 workers over tls://; while it runs, a TLS client gets in and a plain-TCP client is refused."""
+    from distributed import Client
+
+    from flows.clusters import tls
+
     out = tmp_path / "out.zarr"
+    profile = tmp_path / "runner.yaml"
+    profile.write_text(f"cluster_type: slurm-runner\nscheduler_file: {tmp_path}/scheduler-{{job_id}}.json\n"
+                       f"tls_directory: {tmp_path}/tls-{{job_id}}\nworker_options:\n  nthreads: 1\n")
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)
     for k in [k for k in env if k.startswith("SLURM_")]:
         env.pop(k)
-    env.update(DOGFLOW_INPUT=str(small), DOGFLOW_OUTPUT=str(out), DOGFLOW_HOME=str(ROOT), DOGFLOW_LOG_DIR=str(tmp_path))
-    r = subprocess.run(
+    env.update(DOGFLOW_INPUT=str(small), DOGFLOW_OUTPUT=str(out), DOGFLOW_HOME=str(ROOT), DOGFLOW_LOG_DIR=str(tmp_path),
+               DOGFLOW_CLUSTER=str(profile))
+    proc = subprocess.Popen(
         ["sbatch", "--wait", "--ntasks=4", "--time=00:05:00", f"--output={tmp_path}/runner-%j.out",
          str(ROOT / "infra" / "slurm" / "dogflow-runner.sbatch"),
          "--channel", "1", "--sigma-small", "1", "--sigma-large", "3", "--retry-delay", "0"],
-        capture_output=True, text=True, timeout=220, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
-    m = re.search(r"Submitted batch job (\d+)", r.stdout)
-    assert m, r.stdout + r.stderr
-    job = m.group(1)
+    checked = {}
+    try:
+        # While the allocation runs: its scheduler file appears, with a tls:// address.
+        deadline = time.monotonic() + 200
+        while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob("scheduler-*.json")):
+            time.sleep(0.2)
+        [sched] = list(tmp_path.glob("scheduler-*.json")) or [None]
+        assert sched is not None, f"no scheduler file; sbatch exit {proc.poll()}"
+        addr = json.loads(sched.read_text())["address"]
+        job = re.fullmatch(r"scheduler-(\d+)\.json", sched.name).group(1)
+        cert_dir = tmp_path / f"tls-{job}"
+        assert addr.startswith("tls://"), addr
+        assert stat.S_IMODE(cert_dir.stat().st_mode) == 0o700
+        with Client(addr, security=tls.security(cert_dir), timeout=30) as client:
+            with pytest.raises((OSError, TimeoutError)):
+                Client(addr.replace("tls://", "tcp://", 1), timeout=5)
+            with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+                Client(addr, timeout=5)  # TLS address but no certificate
+            # the scheduler was alive around both refusals: the TLS client still talks to it
+            assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.address) == addr
+            client.wait_for_workers(1, timeout=60)
+            workers = list(client.scheduler_info()["workers"])
+            checked["workers"] = workers
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            m = re.search(r"(\d+)", "".join(p.name for p in tmp_path.glob("runner-*.out")))
+            if m:
+                subprocess.run(["scancel", m.group(1)], capture_output=True, timeout=30)
+    assert checked.get("workers") and all(w.startswith("tls://") for w in checked["workers"]), checked
+    assert f"Submitted batch job {job}" in stdout, stdout + stderr
     log = tmp_path / f"dogflow-runner-{job}.log"
     assert log.is_file(), f"no per-job log; job stdout:\n{next(tmp_path.glob('runner-*.out'), None)}"
     text = log.read_text()
-    assert r.returncode == 0, f"sbatch --wait exit {r.returncode}\n{r.stderr}\n{text[-4000:]}"
+    assert proc.returncode == 0, f"sbatch --wait exit {proc.returncode}\n{stderr}\n{text[-4000:]}"
     assert "4 position(s) filtered" in text, text[-4000:]
     assert "Connecting to an existing Dask cluster" in text
-    assert f"dogflow runner job {job}: 4 ranks" in (tmp_path / f"runner-{job}.out").read_text()
+    job_out = (tmp_path / f"runner-{job}.out").read_text()
+    assert f"dogflow runner job {job}: 4 ranks" in job_out and f"TLS certificate in {cert_dir}" in job_out, job_out
     _assert_output_exact(small, out)
     assert set(_marker_jobs(out, 4)) == {job}  # every position ran in a worker rank of this allocation
-    sched = Path(clusters.runner_scheduler_file(clusters.load_profile("slurm-runner")).replace("nojob", job))
     assert not sched.exists(), f"scheduler file {sched} left behind"
+    assert not cert_dir.exists(), f"certificate folder {cert_dir} left behind"
 
 
 @pytest.mark.timeout(240)

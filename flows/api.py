@@ -1,0 +1,126 @@
+"""The Prefect API a ``dogflow`` command talks to: the configured one (``PREFECT_API_URL``), or a
+temporary local server for this run.
+
+The temporary server is Prefect's own ephemeral server app (``prefect.server.api.server:create_app`` under
+uvicorn in a subprocess, as Prefect's ``SubprocessASGIServer`` runs it, on the same database in
+``PREFECT_HOME``). :func:`start_temporary_api` launches it *at once*, before the command imports Prefect
+and validates its input, so the server boots while the command works; :func:`prefect_api` waits for it
+only when the flow is about to start. The automation services (triggers, actions) and the event logger,
+which a run never uses, are off in it.
+
+The URL is exported in ``PREFECT_API_URL`` so that Dask worker processes, which report task states
+themselves, talk to the same API instead of each starting their own temporary server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+_SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
+}
+
+
+class TemporaryAPI:
+    """A temporary Prefect server on a free port of 127.0.0.1 (its log in a temporary file)."""
+
+    def __init__(self) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="dogflow-prefect-server-", suffix=".log")[1])
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+        self._launch()
+        atexit.register(self.stop)
+
+    def _launch(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env={**os.environ, **_SERVER_ENV}, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def wait(self, timeout: float = 120.0) -> str:
+        """Block until the server answers ``/health``; its URL. A failed start raises RuntimeError with its log."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() == 3:  # uvicorn: the port was taken meanwhile
+                    self._launch()
+                elif self.proc.poll() is not None:
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return self.url
+                time.sleep(0.1)
+        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect server did not start (exit {self.proc.returncode}): {tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.log.unlink()
+
+
+def start_temporary_api() -> Optional[TemporaryAPI]:
+    """Launch a temporary server now unless a Prefect API is configured (env or the active Prefect profile),
+    or this process is one rank of a parallel SLURM step (runner mode: only the rank that runs the flow
+    starts one, in :func:`prefect_api`)."""
+    if os.environ.get("PREFECT_API_URL") or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    return None if PREFECT_API_URL.value() else TemporaryAPI()
+
+
+@contextlib.contextmanager
+def prefect_api(temporary: Optional[TemporaryAPI] = None) -> Iterator[str]:
+    """Within the block, Prefect (and every process started from here) uses this run's API: the configured
+    one, else ``temporary`` (started earlier by :func:`start_temporary_api`), else a temporary server
+    started now."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    temporary = temporary or TemporaryAPI()
+    old = os.environ.get("PREFECT_API_URL")
+    try:
+        url = temporary.wait()
+        os.environ["PREFECT_API_URL"] = url
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # ship the last log lines before the temporary API goes away
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+        temporary.stop()

@@ -1,0 +1,1 @@
+"""dogflow's deployment material; ``infra.clusters`` ships the cluster profiles as package data."""

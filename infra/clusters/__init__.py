@@ -1,0 +1,1 @@
+"""The shipped cluster profiles (``*.yaml``), read with ``importlib.resources`` by ``flows.clusters``."""
