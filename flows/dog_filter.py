@@ -134,7 +134,8 @@ def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
 def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[store.MarkerRow]]:
     """The channels of each selected position that are not complete (all of them with ``force``), and the
     state of every (position, channel); reads markers only, writes nothing."""
-    rows = store.scan(spec.output_path, open_dataset(spec.input_path), spec.params, spec.positions, spec.channels)
+    ds = open_dataset(spec.input_path, check=False)  # validated: open only the images used
+    rows = store.scan(spec.output_path, ds, spec.params, spec.positions, spec.channels)
     pending: dict[int, list[int]] = {}
     for r in rows:
         if spec.request.force or r.state != "complete":

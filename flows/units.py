@@ -66,7 +66,6 @@ class Sigma:
 
     voxels: tuple[float, float, float]
     micrometers: tuple[float, float, float] | None = None
-    given: str = ""  # what the user wrote, for messages and provenance
 
 
 def ngff_unit(unit: str) -> str:
@@ -168,13 +167,12 @@ def sigma_in_voxels(value: Any, voxel_size: Lengths | None, name: str) -> Sigma:
     A physical value needs a voxel size with a unit; the σ in micrometers is kept for provenance.
     """
     lengths = parse_lengths(value, name)
-    given = value if isinstance(value, str) else ",".join(f"{v:g}" for v in lengths.values)
     if lengths.unit is None:
         vox = lengths.values
         um = None
         if voxel_size is not None and voxel_size.unit is not None:
             um = tuple(v * s for v, s in zip(vox, voxel_size.micrometers))  # type: ignore[arg-type]
-        return Sigma(vox, um, str(given))  # type: ignore[arg-type]
+        return Sigma(vox, um)  # type: ignore[arg-type]
     if voxel_size is None:
         raise UnitError(
             f"{name} {value!r} has a unit but the input has no voxel size; give --voxel-size z,y,x (µm) "
@@ -184,7 +182,7 @@ def sigma_in_voxels(value: Any, voxel_size: Lengths | None, name: str) -> Sigma:
         raise UnitError(f"{name} {value!r} has a unit but the input's voxel size has none; give {name} in voxels")
     um = tuple(v * um_per_unit(lengths.unit) for v in lengths.values)
     vox = tuple(u / s for u, s in zip(um, voxel_size.micrometers))  # type: ignore[arg-type]
-    return Sigma(vox, um, str(given))  # type: ignore[arg-type]
+    return Sigma(vox, um)  # type: ignore[arg-type]
 
 
 def fwhm_as_sigma(fwhm: Any, name: str) -> str | list[float]:

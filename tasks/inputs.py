@@ -24,13 +24,14 @@ count and voxel size. Every failure is a one-line :class:`StoreError`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import zarr
@@ -40,7 +41,6 @@ class StoreError(ValueError):
     """A problem with an input or output store, phrased for the user (one line)."""
 
 
-LAYOUTS = ("array", "ome-zarr", "bioformats2raw", "dogflow")
 SPACE = ("z", "y", "x")
 _UM_PER = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "picometer": 1e-6,
            "centimeter": 1e4, "meter": 1e6}
@@ -98,26 +98,42 @@ class Dataset:
 
     path: str
     layout: str
-    images: list[_Image] = field(repr=False)
-    voxel_size: tuple[float, float, float] | None = None  # in ``unit``; None: unknown (plain array)
-    unit: str | None = None  # NGFF unit name of z, y, x ("micrometer"), or None
+    loaders: list[Callable[[], _Image]] = field(repr=False)  # one per image; opened on first use
+    _opened: dict[int, _Image] = field(default_factory=dict, repr=False)
 
-    # ---- geometry
+    def image(self, i: int) -> _Image:
+        """Image ``i``, its metadata read on first use (a task opens only the image of its position)."""
+        if i not in self._opened:
+            self._opened[i] = self.loaders[i]()
+        return self._opened[i]
+
+    # ---- geometry (from the first image; :func:`open_dataset` checks that the others agree)
     @property
     def n_positions(self) -> int:
-        return sum(im.n_positions for im in self.images)
+        # several images: one position each; one image: its position axis (a plain 5-D array), or 1
+        return len(self.loaders) if len(self.loaders) > 1 else self.image(0).n_positions
 
     @property
     def n_channels(self) -> int:
-        return self.images[0].n_channels
+        return self.image(0).n_channels
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.images[0].array.shape[-3:])  # type: ignore[return-value]
+        return tuple(int(s) for s in self.image(0).array.shape[-3:])  # type: ignore[return-value]
 
     @property
     def dtype(self) -> np.dtype:
-        return self.images[0].array.dtype
+        return self.image(0).array.dtype
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float] | None:
+        """(z, y, x) in :attr:`unit`; None when unknown (plain array)."""
+        return self.image(0).voxel_size
+
+    @property
+    def unit(self) -> str | None:
+        """NGFF unit name of z, y, x ("micrometer"), or None."""
+        return self.image(0).unit
 
     @property
     def voxel_size_um(self) -> tuple[float, float, float] | None:
@@ -145,16 +161,11 @@ class Dataset:
             raise StoreError(f"position {position} out of range: the input has {self.n_positions} positions")
         if not 0 <= channel < self.n_channels:
             raise StoreError(f"channel {channel} out of range: the input has {self.n_channels} channels")
-        for im in self.images:
-            if position < im.n_positions:
-                return im, im.index(position, channel)
-            position -= im.n_positions
-        raise AssertionError("unreachable")
-
-    def position_name(self, position: int) -> str:
-        """The image (series group) that holds ``position``, for messages: e.g. ``"3"``."""
-        im, _ = self._locate(position, 0)
-        return im.name
+        if len(self.loaders) == 1:
+            im = self.image(0)
+            return im, im.index(position, channel)
+        im = self.image(position)
+        return im, im.index(0, channel)
 
     def read(self, position: int, channel: int) -> np.ndarray:
         """The (z, y, x) volume of one position and channel, as stored (dtype of the input)."""
@@ -215,8 +226,12 @@ class Dataset:
 # --------------------------------------------------------------------------- opening
 
 
-def open_dataset(path: str | os.PathLike) -> Dataset:
-    """Open any supported input layout read-only (see the module docstring)."""
+def open_dataset(path: str | os.PathLike, check: bool = True) -> Dataset:
+    """Open any supported input layout read-only (see the module docstring).
+
+    With ``check`` every image's metadata is read and compared (what validation does); without it only the
+    first image is opened now and the others when used (what a task does: it needs one position).
+    """
     p = Path(path)
     if not p.exists():
         raise StoreError(f"input not found: {path}")
@@ -227,10 +242,10 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     if isinstance(node, zarr.Array):
         if node.ndim != 5:
             raise StoreError(f"input must be 5-D (position, channel, z, y, x); {path} has shape {tuple(node.shape)}")
-        ds = Dataset(str(p), "array", [_Image("", node, ("position", "c"))])
+        ds = Dataset(str(p), "array", [lambda: _Image("", node, ("position", "c"))])
     else:
         ds = _open_group(node, str(p))
-    _check_consistent(ds)
+    _check_consistent(ds, every_image=check)
     return ds
 
 
@@ -245,14 +260,14 @@ def _open_group(root: zarr.Group, path: str) -> Dataset:
     if meta.get("bioformats2raw.layout") is not None:
         if meta["bioformats2raw.layout"] != 3:
             raise StoreError(f"unsupported bioformats2raw.layout {meta['bioformats2raw.layout']!r} (3 is): {path}")
-        images = [_image_in(root, s, path) for s in _series(root, path)]
-        return _dataset(path, "bioformats2raw", images)
+        series = _series(root, path)
+        return Dataset(path, "bioformats2raw", [functools.partial(_image_in, root, s, path) for s in series])
     if meta.get("multiscales"):
-        images = [_image(root, "", ms, path, i) for i, ms in enumerate(meta["multiscales"])]
         layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") == 2 else "ome-zarr"
-        return _dataset(path, layout, images)
+        return Dataset(path, layout, [functools.partial(_image, root, "", ms, path, i)
+                                      for i, ms in enumerate(meta["multiscales"])])
     if "0" in root and isinstance(root["0"], zarr.Array):  # a group holding the plain array as "0"
-        return _dataset(path, "ome-zarr", [_image(root, "", {"datasets": [{"path": "0"}]}, path, 0)])
+        return Dataset(path, "ome-zarr", [functools.partial(_image, root, "", {"datasets": [{"path": "0"}]}, path, 0)])
     raise StoreError(
         f"input group is neither an OME-Zarr image (no 'multiscales') nor a bioformats2raw root: {path}"
     )
@@ -348,18 +363,16 @@ def _voxel_size(ms: dict[str, Any], ds0: dict[str, Any], axes: list[str], where:
     raise StoreError(f"{where}: the z, y, x axes have different or unknown units {units}")
 
 
-def _dataset(path: str, layout: str, images: list[_Image]) -> Dataset:
-    first = images[0]
-    return Dataset(path, layout, images, first.voxel_size, first.unit)
-
-
-def _check_consistent(ds: Dataset) -> None:
-    first = ds.images[0]
+def _check_consistent(ds: Dataset, every_image: bool) -> None:
+    first = ds.image(0)
     if not _is_real_numeric(first.array.dtype):
         raise StoreError(f"input must be a real numeric array; {ds.path} has dtype {first.array.dtype}")
-    for im in ds.images[1:]:
+    for i in range(1, len(ds.loaders)) if every_image else ():
+        im = ds.image(i)
         what = None
-        if tuple(im.array.shape[-3:]) != ds.shape:
+        if im.n_positions != 1 or first.n_positions != 1:
+            what = "a position axis, but several images are one position each"
+        elif tuple(im.array.shape[-3:]) != ds.shape:
             what = f"shape (z,y,x) {tuple(im.array.shape[-3:])}, not {ds.shape}"
         elif im.n_channels != ds.n_channels:
             what = f"{im.n_channels} channels, not {ds.n_channels}"

@@ -94,7 +94,7 @@ def process_position(
     (never the array): min/max/mean over those channels, and one entry per channel."""
     p = store.FilterParams.from_dict(params)
     t0 = time.perf_counter()
-    ds = open_dataset(input_path)
+    ds = open_dataset(input_path, check=False)  # validated by the flow: open only what this position needs
     nthreads = threads or _threads_here()
     per_channel = [filter_channel(ds, output_path, position, c, p, nthreads, allow_missing_chunks)
                    for c in (channels if channels is not None else [0])]

@@ -200,10 +200,15 @@ def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
     """
     if output_dtype == "float32":
         return result.astype(np.float32, copy=False)
-    if output_dtype == "uint16":
-        out = np.rint(result)
-        np.clip(out, 0, 65535, out=out)
-        return out.astype(np.uint16)
+    if output_dtype == "uint16":  # in blocks: the extra memory is the uint16 result plus one block
+        src = np.ascontiguousarray(result).reshape(-1)
+        out = np.empty(src.shape, dtype=np.uint16)
+        step = 1 << 22
+        for i in range(0, src.size, step):
+            blk = np.rint(src[i : i + step])
+            np.clip(blk, 0, 65535, out=blk)
+            out[i : i + step] = blk
+        return out.reshape(np.shape(result))
     raise StoreError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
 
 

@@ -144,3 +144,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     zarr.open_group(str(r), mode="a").attrs["bioformats2raw.layout"] = 4
     _raises(r, "unsupported bioformats2raw.layout 4")
     assert g is not None
+
+
+def test_a_task_opens_only_the_image_of_its_position(tmp_path):
+    path = tmp_path / "b.zarr"
+    data = make_bioformats2raw(path, positions=4, shape=SHAPE, chunks=CHUNKS)
+    ds = open_dataset(path, check=False)
+    np.testing.assert_array_equal(ds.read(2, 1), data[2, 1])
+    assert sorted(ds._opened) == [0, 2] and ds.n_positions == 4
+    make_ome_image(path / "3", shape=(6, 20, 20), ngff="0.4")  # a bad series is found by the full check only
+    open_dataset(path, check=False)
+    _raises(path, "input series 3 has shape")

@@ -27,7 +27,7 @@ def test_three_values_with_one_unit_and_numbers_are_voxels():
     assert units.sigma_in_voxels("1, 2, 2 um", VS, "s").voxels == pytest.approx((0.5, 4.0, 8.0))
     plain = units.sigma_in_voxels("1,3,3", VS, "s")
     assert plain.voxels == (1.0, 3.0, 3.0) and plain.micrometers == pytest.approx((2.0, 1.5, 0.75))
-    assert units.sigma_in_voxels(2, None, "s") == units.Sigma((2.0, 2.0, 2.0), None, "2,2,2")
+    assert units.sigma_in_voxels(2, None, "s") == units.Sigma((2.0, 2.0, 2.0), None)
     assert units.sigma_in_voxels([1, 2, 3], None, "s").voxels == (1.0, 2.0, 3.0)
 
 
