@@ -81,7 +81,7 @@ _C_DIRECT = 0.65      # correlate1d: per output sample per (r + 1) taps (it expl
 _FORCE_METHOD = None  # testing hook: "transform" or "direct" for every pass with r > 0
 
 _MiB = 1 << 20
-_TEMP_MIN = 4 * _MiB
+_TEMP_MIN = 16 * _MiB
 _TEMP_MAX = 64 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
 _TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
@@ -501,6 +501,10 @@ def _block_fft(job, blk, scratch, axis):
         d = dst[blk]
         h = y.shape[1]
         yr, yi = y.real[..., a - lo:b - lo], y.imag[:, :d.shape[1] - h, a - lo:b - lo]
+        if c is not None and op == "set":      # add the shifted edge value back while unpacking
+            np.add(yr, c.real, out=d[:, :h], casting="unsafe")
+            np.add(yi, c.imag[:, :d.shape[1] - h], out=d[:, h:], casting="unsafe")
+            continue
         if c is not None:
             np.add(yr, c.real, out=yr)
             np.add(yi, c.imag[:, :d.shape[1] - h], out=yi)
