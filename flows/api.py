@@ -8,8 +8,9 @@ and validates its input, so the server boots while the command works; :func:`pre
 only when the flow is about to start. The automation services (triggers, actions) and the event logger,
 which a run never uses, are off in it.
 
-The URL is exported in ``PREFECT_API_URL`` so that Dask worker processes, which report task states
-themselves, talk to the same API instead of each starting their own temporary server.
+The URL is exported in ``PREFECT_API_URL`` as soon as the server is launched (and the old value put back
+when it stops), so that Dask worker processes, which report task states themselves, talk to the same API
+instead of each starting their own temporary server, even when they are spawned while it still boots.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TemporaryAPI:
         self.log = Path(tempfile.mkstemp(prefix="dogflow-prefect-server-", suffix=".log")[1])
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
+        self._old_url = os.environ.get("PREFECT_API_URL")
         self._launch()
         atexit.register(self.stop)
 
@@ -50,6 +52,8 @@ class TemporaryAPI:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/api"
+        # exported at once: processes started from here on (Dask workers) report to this server
+        os.environ["PREFECT_API_URL"] = self.url
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
         with open(self.log, "ab") as log:
@@ -76,6 +80,10 @@ class TemporaryAPI:
         raise RuntimeError(f"the temporary Prefect server did not start (exit {self.proc.returncode}): {tail}")
 
     def stop(self) -> None:
+        if self._old_url is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = self._old_url
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -99,28 +107,23 @@ def start_temporary_api() -> Optional[TemporaryAPI]:
 
 
 @contextlib.contextmanager
-def prefect_api(temporary: Optional[TemporaryAPI] = None) -> Iterator[str]:
+def prefect_api(temporary: Optional[TemporaryAPI] = None) -> Iterator[Optional[TemporaryAPI]]:
     """Within the block, Prefect (and every process started from here) uses this run's API: the configured
-    one, else ``temporary`` (started earlier by :func:`start_temporary_api`), else a temporary server
-    started now."""
+    one (yields None), else ``temporary`` (launched earlier by :func:`start_temporary_api`), else a temporary
+    server launched now. A temporary one is yielded still booting: call its :meth:`TemporaryAPI.wait` before
+    the first API call (the caller may start other work first); it is stopped when the block ends."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
-    temporary = temporary or TemporaryAPI()
-    old = os.environ.get("PREFECT_API_URL")
+    if temporary is None:
+        if PREFECT_API_URL.value():
+            yield None
+            return
+        temporary = TemporaryAPI()
     try:
-        url = temporary.wait()
-        os.environ["PREFECT_API_URL"] = url
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+        with temporary_settings({PREFECT_API_URL: temporary.url}):
+            yield temporary
             from prefect.logging.handlers import APILogHandler
 
             APILogHandler().flush()  # ship the last log lines before the temporary API goes away
     finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
         temporary.stop()

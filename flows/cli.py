@@ -69,8 +69,14 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
         return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": 0,
                 "skipped": len(spec.positions), "failed": [], "positions": []}
     # inside `srun -n N` (runner mode) only rank 1 gets past the session's __enter__ and runs the flow
-    with spec.profile.session(), prefect_api(temporary_api), handing_over(spec), _progress_bar(show_progress):
-        state = dog_filter(**request.parameters(), return_state=True)
+    with spec.profile.session(), prefect_api(temporary_api) as temporary:
+        # with a temporary API, the local cluster's workers start while the server boots (its URL is exported);
+        # the cluster closes before the server stops
+        with spec.profile.started() if temporary else contextlib.nullcontext(), handing_over(spec), \
+                _progress_bar(show_progress):
+            if temporary:
+                temporary.wait()
+            state = dog_filter(**request.parameters(), return_state=True)
     if state.is_completed():
         return state.result()
     err = state.result(raise_on_failure=False)

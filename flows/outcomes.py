@@ -100,11 +100,18 @@ def log_worker_logs(logger: logging.Logger, lines: int = 30) -> None:
     client = dask_client()
     if client is None:
         return
-    try:
-        logs = client.get_worker_logs(n=lines)
-    except Exception as exc:
-        logger.warning("could not fetch worker logs: %s", exc)
-        return
-    for worker, entries in logs.items():
-        text = "\n".join(msg for _, msg in entries)
-        logger.info("last %d log lines of worker %s:\n%s", lines, worker, text)
+    try:  # right after every worker died, the scheduler knows none (nor their nannies) until one is back
+        if not client.scheduler_info().get("workers"):
+            client.wait_for_workers(1, timeout=15)
+    except Exception:
+        pass
+    for nanny, whose in ((False, ""), (True, " (its nanny: how the worker process ended)")):
+        try:  # the nannies outlive their workers: when every worker just died, theirs are the lines left
+            logs = client.get_worker_logs(n=lines, nanny=nanny)
+        except Exception as exc:
+            logger.warning("could not fetch worker logs: %s", exc)
+            continue
+        for worker, entries in logs.items():
+            if isinstance(entries, (list, tuple)) and entries:  # an error object for a worker it could not reach
+                text = "\n".join(msg for _, msg in entries)
+                logger.info("last %d log lines of worker %s%s:\n%s", lines, worker, whose, text)

@@ -51,6 +51,8 @@ DASK_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "200ms",
     "distributed.admin.system-monitor.interval": "2s",
+    # a worker imports the task's module (Prefect with it) when it starts, not when its first position arrives
+    "distributed.worker.preload": ["tasks.position"],
 }
 
 

@@ -223,6 +223,12 @@ class ClusterProfile:
         """The context a run executes in on this host (runner mode: the allocation's ranks). Default: none."""
         return contextlib.nullcontext()
 
+    def started(self):
+        """A context in which the cluster may already be starting while the caller does other work (the CLI,
+        while its temporary Prefect API boots); :meth:`build_task_runner` then joins it. Default: nothing
+        starts early, the task runner starts the cluster."""
+        return contextlib.nullcontext()
+
     def tls(self) -> str:
         """How scheduler, workers and the flow's client talk, in words."""
         return "as the cluster class decides"

@@ -22,10 +22,12 @@ thresholds off (``dask_config`` in the profile wins) and sizes against ``termina
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from flows.clusters.base import ClusterProfile, ProfileError, gib, parse_bytes
 
@@ -134,7 +136,42 @@ class LocalProfile(ClusterProfile):
     def threads_per_task(self) -> int | None:
         return self.plan().threads_per_task
 
+    @contextlib.contextmanager
+    def started(self) -> Iterator[None]:
+        """Start the LocalCluster now, in a background thread (its worker processes spawn and import while the
+        caller waits for something else); the task runner joins it by address; closed when the block ends.
+        Workers inherit this process's environment as it is now (``PREFECT_API_URL`` must already be set)."""
+        import dask
+        from distributed import LocalCluster
+
+        dask.config.set(self.dask_settings())
+        self.prepare()
+        early: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                early["cluster"] = LocalCluster(**self.runner_arguments()["cluster_kwargs"])
+            except BaseException as exc:  # reported when the task runner asks for the cluster
+                early["error"] = exc
+
+        thread = threading.Thread(target=start, name="dogflow-early-cluster", daemon=True)
+        thread.start()
+        self._early = (thread, early)
+        try:
+            yield
+        finally:
+            self._early = None
+            thread.join()
+            if "cluster" in early:
+                early["cluster"].close()
+
     def runner_arguments(self) -> dict[str, Any]:
+        if getattr(self, "_early", None) is not None:  # started early: join it
+            thread, early = self._early
+            thread.join()
+            if "error" in early:
+                raise early["error"]
+            return {"address": early["cluster"].scheduler_address}
         plan = self.plan()
         kwargs = {**self.kwargs, "threads_per_worker": plan.threads_per_worker, "memory_limit": plan.memory_limit}
         # Dask's lines on this terminal (the workers share it): the level `dogflow run` chose (-v: INFO)
