@@ -9,7 +9,8 @@
 #   PREFECT_API_URL          required, e.g. http://prefect.example.org:4200/api
 #   PREFECT_API_AUTH_STRING  optional, user:password when the server sets
 #                            PREFECT_SERVER_API_AUTH_STRING
-#   DOGFLOW_HOME             the checkout the flows run in (default: this checkout)
+#   DOGFLOW_HOME             the checkout whose venv runs the worker (default: this checkout);
+#                            flow runs start in the checkout `prefect deploy` ran in (pull step)
 #   DOGFLOW_VENV             its virtual environment (default: $DOGFLOW_HOME/.venv)
 #   DOGFLOW_WORK_POOL        the process work pool to serve (default: hpc)
 #   DOGFLOW_WORKER_NAME      worker name shown in the UI (default: dogflow-<host>)
