@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench slurm-up slurm-down deploy clean
+.PHONY: venv demo test test-fast bench bench-flow slurm-up slurm-down deploy clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/engine.py
+
+bench-flow: venv
+	$(BIN)/python benchmarks/flow.py
 
 slurm-up:
 	bash infra/slurm/slurm.sh start

@@ -1,15 +1,21 @@
-"""Benchmark of the exact DoG engine (tasks.dog) against scipy and the seed's dask method.
+"""Benchmark of the exact DoG engine (tasks.dog) against single-thread scipy.
 
-    .venv/bin/python benchmarks/engine.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/engine.py [--quick] [--full] [--threads N] [--repeat R]
 
-For each shape (seed sigmas 50/2.35 and 200/2.35, mode 'nearest', uint16 input), in one process:
-  * scipy  : single-thread scipy.ndimage.gaussian_filter DoG in float64 (also the exactness reference)
-  * engine : tasks.dog.difference_of_gaussians, float32, threads=1 and threads=N (best of 3)
-  * dask   : seed method, dask.array.map_overlap(gaussian_filter, depth=40, boundary='nearest'),
-             chunks (96,160,176), N threads: ratio, max error, fraction of voxels off by > tolerance
-  * peak   : engine peak memory (VmHWM in a fresh subprocess per measurement, input included),
-             as a multiple of the float32 volume size, next to tasks.dog.peak_memory_bytes.
-Tolerance: 1e-3 + 1e-6 * max|v|.  --quick: only (96, 320, 352).
+Per shape (seed sigmas 50/2.35 and 200/2.35, mode 'nearest', uint16 input, float32 result):
+  * scipy      : single-thread scipy.ndimage.gaussian_filter DoG in float64 (also the exactness reference)
+  * engine     : threads=1 and threads=N, interleaved, best of R (wall and process CPU time)
+  * N procs    : N independent processes, each running the engine with threads=1 at the same time;
+                 speed-up = N * (one process alone) / (each process while N run), best of R
+  * efficiency : (engine speed-up with N threads) / (N-process speed-up)
+  * first/warm : first call on a new shape in a fresh process vs the next call
+  * nanny env  : engine threads=1 in a fresh process with Dask's nanny environment
+                 (MALLOC_TRIM_THRESHOLD_=65536, OMP/MKL/OPENBLAS_NUM_THREADS=1) vs without (CPU time)
+  * peak       : VmHWM growth in a fresh process (input + engine), multiple of the float32 volume,
+                 next to tasks.dog.peak_memory_bytes
+--quick: only (112, 288, 320).  --full adds the full position (413, 2048, 2048) with N threads
+(time and peak; needs ~15 GB and a few minutes).  Wall-clock figures depend on the machine's
+other load; the CPU-time ratios much less.
 """
 from __future__ import annotations
 
@@ -22,11 +28,15 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 S_SMALL, S_LARGE = 50 / 2.35, 200 / 2.35
-SHAPES_QUICK = [(96, 320, 352)]
-SHAPES_FULL = [(96, 320, 352), (413, 512, 512)]
+SHAPES_QUICK = [(112, 288, 320)]
+SHAPES = [(112, 288, 320), (413, 512, 512)]
+FULL = (413, 2048, 2048)
+NANNY_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+             "OPENBLAS_NUM_THREADS": "1"}
 
 
 def make_volume(shape, seed=0):
@@ -46,32 +56,10 @@ def scipy_dog(v):
     return a
 
 
-def dask_dog(v, threads):
-    import dask
-    import dask.array as da
-    import scipy.ndimage as ndi
-    x = da.from_array(v, chunks=(96, 160, 176)).astype(np.float32)
-    kw = dict(depth=40, boundary="nearest", dtype=np.float32)
-    g1 = x.map_overlap(ndi.gaussian_filter, sigma=S_SMALL, mode="nearest", **kw)
-    g2 = x.map_overlap(ndi.gaussian_filter, sigma=S_LARGE, mode="nearest", **kw)
-    with dask.config.set(scheduler="threads", num_workers=threads):
-        return (g1 - g2).compute()
-
-
-CPU = {}
-
-
-def timed(f, *a, repeat=1, **kw):
-    """Result and best wall time of `repeat` runs (the machine is shared: min filters out others' load).
-    The process CPU time of the best run is kept in CPU[f] (robust to other processes' load)."""
-    best = float("inf")
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        r = f(*a, **kw)
-        t, c = time.perf_counter() - t, time.process_time() - c
-        if t < best:
-            best, CPU[f] = t, c
-    return r, best
+def clocked(f, *a, **kw):
+    t, c = time.perf_counter(), time.process_time()
+    r = f(*a, **kw)
+    return r, time.perf_counter() - t, time.process_time() - c
 
 
 def _status(key):
@@ -89,85 +77,136 @@ def reset_peak():
     return _status("VmRSS")
 
 
-def mem_child(shape, dtype, threads):
-    """Runs in a fresh process: peak RSS growth (input + engine) over the warmed-up baseline."""
+# --------------------------------------------------------------------------- child processes
+
+def child(spec):
+    """Runs in a fresh process; prints one JSON line."""
     from tasks import dog
-    dog.difference_of_gaussians(make_volume((8, 40, 40)), S_SMALL, S_LARGE, threads=threads)  # warm-up
+    shape, threads, repeat = tuple(spec["shape"]), spec["threads"], spec.get("repeat", 1)
     base = reset_peak()
-    v = np.empty(shape, dtype)
-    for z in range(shape[0]):   # build in place, plane by plane
-        v[z] = np.random.default_rng(z).integers(100, 4000, size=shape[1:]).astype(dtype)
-    dog.difference_of_gaussians(v, S_SMALL, S_LARGE, threads=threads)
-    peak = _status("VmHWM") - base
-    print(json.dumps({"peak": peak, "bound": dog.peak_memory_bytes(shape, dtype)}))
+    v = make_volume(shape)
+    res = {"walls": [], "cpus": []}
+    if spec.get("start_at"):
+        time.sleep(max(0.0, spec["start_at"] - time.time()))
+    for _ in range(repeat):
+        out, w, c = clocked(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=threads)
+        del out
+        res["walls"].append(w)
+        res["cpus"].append(c)
+    res["peak"] = _status("VmHWM") - base
+    res["bound"] = dog.peak_memory_bytes(shape, v.dtype)
+    print(json.dumps(res), flush=True)
 
 
-def mem_measure(shape, dtype, threads):
-    cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", ",".join(map(str, shape)), dtype, str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+def spawn(spec, env=None, start_at=None):
+    spec = dict(spec, start_at=start_at)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=full_env)
+
+
+def collect(proc):
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode})")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def n_process_speedup(shape, n, repeat):
+    """N processes with threads=1 at once vs one alone: throughput speed-up, best of repeat."""
+    alone = collect(spawn({"shape": shape, "threads": 1, "repeat": repeat}))
+    t1 = min(alone["walls"])
+    start = time.time() + 1.0 + 0.002 * np.prod(shape) / 1e6    # after every child built its volume
+    procs = [spawn({"shape": shape, "threads": 1, "repeat": repeat}, start_at=start) for _ in range(n)]
+    res = [collect(p) for p in procs]
+    tn = max(min(r["walls"]) for r in res)
+    return t1, tn, n * t1 / tn
+
+
+# --------------------------------------------------------------------------- rows
+
+def shape_row(shape, threads, repeat):
+    from tasks import dog
+    v = make_volume(shape)
+    ref, t_sp, c_sp = clocked(scipy_dog, v)
+    print(f"{shape}: scipy 1 thread {t_sp:.1f} s wall, {c_sp:.1f} s CPU", flush=True)
+    # first call on this shape in a fresh process, then warm
+    fw = collect(spawn({"shape": shape, "threads": 1, "repeat": 2}))
+    best = {1: (np.inf, np.inf), threads: (np.inf, np.inf)}
+    err = None
+    for _ in range(repeat):                              # interleaved: both see the same load
+        for th in (1, threads):
+            e, w, c = clocked(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=th)
+            if err is None:
+                err = float(np.max(np.abs(e - ref)))
+            del e
+            best[th] = min(best[th], (w, c))
+    e64 = dog.difference_of_gaussians(v, S_SMALL, S_LARGE, threads=threads, precision="float64")
+    err64 = float(np.max(np.abs(e64 - ref)) / np.max(np.abs(v)))
+    del e64, ref
+    p1, pn, sp_proc = n_process_speedup(shape, threads, repeat)
+    nanny = [collect(spawn({"shape": shape, "threads": 1, "repeat": repeat}, env=env))
+             for env in (None, NANNY_ENV)]
+    mem = collect(spawn({"shape": shape, "threads": threads, "repeat": 1}))
+    (w1, c1), (wn, cn) = best[1], best[threads]
+    sp_eng = w1 / wn
+    row = dict(shape=shape, scipy_wall=t_sp, scipy_cpu=c_sp, w1=w1, c1=c1, wn=wn, cn=cn,
+               ratio1=t_sp / w1, ratio_cpu=c_sp / c1, ration=t_sp / wn, sp_eng=sp_eng,
+               p1=p1, pn=pn, sp_proc=sp_proc, eff=sp_eng / sp_proc,
+               first=fw["walls"][0], warm=fw["walls"][1],
+               plain_cpu=min(nanny[0]["cpus"]), nanny_cpu=min(nanny[1]["cpus"]),
+               err=err, tol=1e-3 + 1e-6 * float(v.max()), err64=err64,
+               peak=mem["peak"] / (np.prod(shape) * 4), bound=mem["bound"] / (np.prod(shape) * 4))
+    print(f"  engine 1T {w1:.3f} s ({c1:.3f} s CPU, {row['ratio_cpu']:.1f}x by CPU), {threads}T {wn:.3f} s "
+          f"({cn:.3f} s CPU): speed-up {sp_eng:.2f}; {threads} procs {sp_proc:.2f} -> efficiency "
+          f"{row['eff']:.2f}; first {row['first']:.3f} s / warm {row['warm']:.3f} s; nanny CPU "
+          f"{row['nanny_cpu']:.3f} vs {row['plain_cpu']:.3f} s; peak {row['peak']:.2f}x", flush=True)
+    return row
+
+
+def full_row(threads):
+    shape = FULL
+    r = collect(spawn({"shape": shape, "threads": threads, "repeat": 1}))
+    vol32 = np.prod(shape) * 4
+    return dict(shape=shape, wall=r["walls"][0], cpu=r["cpus"][0], peak=r["peak"] / vol32, bound=r["bound"] / vol32)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--mem-child", nargs=3, metavar=("SHAPE", "DTYPE", "THREADS"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child")
     args = ap.parse_args()
-    if args.mem_child:
-        s, dt, th = args.mem_child
-        mem_child(tuple(int(x) for x in s.split(",")), dt, int(th))
+    if args.child:
+        child(json.loads(args.child))
         return
     from tasks import dog
-    threads = args.threads or dog.default_threads()
-    shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
-    print(f"threads={threads}  sigma=({S_SMALL:.3f}, {S_LARGE:.3f})  mode=nearest  uint16 input  "
-          f"cpus={len(os.sched_getaffinity(0))}", flush=True)
-    dog.difference_of_gaussians(make_volume((8, 40, 40)), S_SMALL, S_LARGE, threads=threads)  # warm-up
-    rows = []
-    for shape in shapes:
-        v = make_volume(shape)
-        tol = 1e-3 + 1e-6 * float(v.max())
-        ref, t_sp = timed(scipy_dog, v)
-        c_sp = CPU[scipy_dog]
-        print(f"{shape}: scipy 1 thread {t_sp:.1f} s", flush=True)
-        _, t_e1 = timed(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=1, repeat=3)
-        c_e1 = CPU[dog.difference_of_gaussians]
-        e, t_en = timed(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=threads, repeat=3)
-        err = float(np.max(np.abs(e - ref)))
-        del e
-        e64 = dog.difference_of_gaussians(v, S_SMALL, S_LARGE, threads=threads, precision="float64")
-        err64 = float(np.max(np.abs(e64 - ref)) / np.max(np.abs(v)))
-        del e64
-        d, t_dk = timed(dask_dog, v, threads)
-        dd = np.abs(d - ref)
-        derr, dfrac = float(dd.max()), float((dd > tol).mean())
-        del d, dd, ref
-        mem = {dt: mem_measure(shape, dt, threads) for dt in ("uint16", "float32")}
-        vol32 = int(np.prod(shape)) * 4
-        rows.append(dict(shape=shape, scipy_s=t_sp, engine1_s=t_e1, engineN_s=t_en, dask_s=t_dk,
-                         r1=t_sp / t_e1, r1cpu=c_sp / c_e1, rN=t_sp / t_en, r_dask=t_dk / t_en,
-                         err=err, tol=tol, err64_rel=err64, dask_err=derr, dask_frac=dfrac,
-                         mem={k: (m["peak"] / vol32, m["bound"] / vol32) for k, m in mem.items()}))
-        r = rows[-1]
-        print(f"  engine 1 thread {t_e1:.2f} s ({r['r1']:.1f}x), {threads} threads {t_en:.2f} s "
-              f"({r['rN']:.1f}x); dask seed {t_dk:.1f} s", flush=True)
-
+    n = args.threads or dog.default_threads()
+    shapes = SHAPES_QUICK if args.quick else SHAPES
+    print(f"N={n} threads  sigma=({S_SMALL:.3f}, {S_LARGE:.3f})  mode=nearest  uint16 input  "
+          f"cpus={len(os.sched_getaffinity(0))}  load={os.getloadavg()[0]:.1f}", flush=True)
+    dog.difference_of_gaussians(make_volume((8, 40, 40)), S_SMALL, S_LARGE, threads=n)  # imports, pools
+    rows = [shape_row(s, n, args.repeat) for s in shapes]
     print()
-    print(f"| shape | scipy 1T s | engine 1T | 1T CPU-time ratio | engine {threads}T | vs dask seed ({threads}T) | "
-          f"engine max err (tol) | float64 rel err | dask max err / frac > tol | "
-          f"peak uint16 in (bound) | peak float32 in (bound) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| shape | scipy 1T (wall / CPU) | engine 1T | CPU-time ratio | engine {n}T | speed-up {n}T | "
+          f"{n} procs speed-up | efficiency | first / warm | nanny env CPU (plain) | max err (tol) | "
+          f"float64 rel err | peak (bound) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mu, mf = r["mem"]["uint16"], r["mem"]["float32"]
-        print(f"| {r['shape']} | {r['scipy_s']:.1f} | {r['engine1_s']:.2f} s = {r['r1']:.1f}x | {r['r1cpu']:.1f}x | "
-              f"{r['engineN_s']:.2f} s = {r['rN']:.1f}x | {r['r_dask']:.1f}x faster | "
-              f"{r['err']:.2e} ({r['tol']:.2e}) | {r['err64_rel']:.1e} | "
-              f"{r['dask_err']:.1f} / {100 * r['dask_frac']:.1f}% | "
-              f"{mu[0]:.2f}x ({mu[1]:.2f}x) | {mf[0]:.2f}x ({mf[1]:.2f}x) |")
-    print("\nratios = scipy single-thread wall time / engine wall time (CPU-time ratio: process CPU "
-          "seconds, insensitive to other load on a shared machine); peak = input + engine, "
-          "multiple of the float32 volume (VmHWM growth, fresh subprocess).")
+        print(f"| {r['shape']} | {r['scipy_wall']:.1f} / {r['scipy_cpu']:.1f} s | {r['w1']:.3f} s = {r['ratio1']:.1f}x | "
+              f"{r['ratio_cpu']:.1f}x | {r['wn']:.3f} s = {r['ration']:.1f}x | {r['sp_eng']:.2f} | "
+              f"{r['sp_proc']:.2f} | {r['eff']:.2f} | {r['first']:.3f} / {r['warm']:.3f} s "
+              f"({r['first'] / r['warm']:.2f}) | {r['nanny_cpu']:.3f} ({r['plain_cpu']:.3f}) s | "
+              f"{r['err']:.2e} ({r['tol']:.2e}) | {r['err64']:.1e} | {r['peak']:.2f}x ({r['bound']:.2f}x) |")
+    if args.full:
+        f = full_row(n)
+        print(f"\nfull position {f['shape']}, {n} threads: {f['wall']:.1f} s wall, {f['cpu']:.1f} s CPU, "
+              f"peak {f['peak']:.2f}x the float32 volume (bound {f['bound']:.2f}x)")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Ratios: scipy "
+          "single-thread / engine (wall), CPU-time ratio: process CPU seconds (less sensitive to other "
+          "load). Efficiency = (engine 1T wall / engine NT wall) / (N-process throughput speed-up).")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,6 @@ def main() -> None:
         kind, inp, threads, out = args.child
         _child(kind, inp, int(threads), out)
         return
-    from flows import clusters
     from flows.request import RunRequest
 
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -173,7 +172,7 @@ def main() -> None:
         inp = work / "in.zarr"
         make_dataset(inp, args.positions, shape)
         spec = RunRequest(str(inp), str(work / "probe.zarr"), cluster=args.cluster).validate()
-        threads = clusters.threads_per_task(spec.profile) or 1
+        threads = spec.profile.threads_per_task() or 1
         cores = len(os.sched_getaffinity(0))
         print(f"shape {shape} uint16, {args.positions} positions, profile {args.cluster}: "
               f"{threads} thread(s) per task, {cores} cores", flush=True)
@@ -216,14 +215,13 @@ def main() -> None:
 
 
 def full_position(work: Path, cluster: str) -> list[tuple[str, str]]:
-    from flows import clusters
     from flows.request import RunRequest
 
     inp = work / "full.zarr"
     shutil.rmtree(work / "in.zarr", ignore_errors=True)
     make_dataset(inp, 1, (413, 2048, 2048))
     spec = RunRequest(str(inp), str(work / "probe.zarr"), cluster=cluster).validate()
-    threads = clusters.threads_per_task(spec.profile) or 1
+    threads = spec.profile.threads_per_task() or 1
     engine = plain("engine", inp, threads)["seconds"]
     row = flow_run(inp, work / "full-out.zarr", "0", cluster)
     task = row["task_seconds"][0]

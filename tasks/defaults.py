@@ -46,6 +46,11 @@ DASK_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     # one task per position and never more tasks than free slots are useful: nothing to steal, no 100 ms poll
     "distributed.scheduler.work-stealing": False,
+    # tasks of seconds to minutes: no statistical profiler sampling the running task every 10 ms, and
+    # event-loop health checks and system monitoring at a slower pace (orchestration CPU while tasks run)
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "200ms",
+    "distributed.admin.system-monitor.interval": "2s",
 }
 
 

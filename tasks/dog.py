@@ -6,82 +6,88 @@ computes in float64::
     gaussian_filter(v, sigma_small, truncate=t, mode=m) - gaussian_filter(v, sigma_large, truncate=t, mode=m)
 
 i.e. the same separable kernels (radius ``r = int(truncate * sigma + 0.5)``,
-``exp(-x**2 / (2 sigma**2))`` on ``[-r, r]`` normalised in float64), applied
-along every axis with the same boundary mode.  Nothing is approximated: no
-IIR, box or resampling tricks.
+``w[j] = exp(-j**2 / (2 sigma**2))`` on ``j in [-r, r]`` normalised in
+float64), applied along every axis with the same boundary mode.  Nothing is
+approximated: no IIR, box or resampling tricks.
 
-How a 1-D pass along one axis is computed (chosen per axis and per sigma by
-a cost model, ``_Plan``):
+One 1-D pass along one axis of length ``n`` is one of (picked per axis and
+per sigma by a cost model, :class:`_Plan`):
 
-* ``"fft"`` (modes ``nearest`` and ``constant``): each line is zero-padded to
-  ``M = next_fast_len(r + max(b, m - a))`` (``M >= n + r`` for a whole line,
-  so circular wrap-around can never reach the kept outputs), transformed with
-  ``scipy.fft.rfft``, multiplied by the real transfer function of scipy's
-  kernel placed circularly (the kernel is symmetric), transformed back with
-  ``irfft``; the kept outputs are then corrected analytically for ``nearest``:
-  output ``i`` gets ``v[0] * (kernel mass left of the line)`` plus
-  ``v[n-1] * (kernel mass right of the line)`` (prefix sums of the kernel).
-  ``constant`` (cval 0) needs no correction: zero padding *is* the mode.
-* ``"gemm"``: the dense n x n line operator (scipy's ``correlate1d`` applied
-  to the identity, so any boundary mode is folded in exactly; axes <= 512)
-  applied to blocks of lines as one float64 matrix product (float32 GEMM
-  was measured to lose ~1.5e-6 max|v|, above tolerance).  Fastest on short
-  axes with large radii (e.g. z = 96 with r = 340).
-* ``"direct"``: ``scipy.ndimage.correlate1d`` with scipy's kernel, used for
-  small radii (cheaper than an FFT), and for ``reflect``, ``mirror``, ``wrap``
-  on long axes (exact by construction, at scipy's per-voxel cost divided by
-  the thread count).
+* ``"fft"`` (modes ``nearest``, ``constant``, ``wrap``): lines are packed in
+  pairs into one complex line (``x1 + i x2``), zero-padded to ``M``
+  samples, transformed in place with ``scipy.fft.fft(overwrite_x=True)``,
+  multiplied by the real transfer function ``H = FFT(h)`` of scipy's kernel
+  placed circularly (``h`` is symmetric, so ``H`` is real and the real and
+  imaginary lines never mix), and transformed back in place.  For
+  ``nearest``/``constant``, ``M >= D + X`` with ``X = max(b, m - a)`` for
+  outputs ``[a, b)`` of a window of ``m`` samples, and the kernel is cut
+  to ``|j| <= D = min(r, X - 1)`` (taps farther than the line only ever
+  read the boundary extension): no circular alias can reach a kept output.
+  ``constant`` (cval 0) is then exact as is; ``nearest`` adds
+  ``v[0] * L[i] + v[n-1] * L[n-1-i]`` with ``L[i]`` the mass of the whole
+  kernel left of the line (taps ``j < -i``).  ``wrap`` uses ``M = n`` and
+  the kernel folded modulo ``n`` (a circulant operator, exact for any r).
+* ``"dct"`` (modes ``reflect`` and ``mirror``): scipy's ``reflect``
+  (``d c b a | a b c d``) is the 2n-periodic half-sample-symmetric
+  extension, which the DCT-II diagonalises; ``mirror`` (``d c b | a b c
+  d``) is the (2n-2)-periodic whole-sample-symmetric one, diagonalised by
+  the DCT-I.  The pass is ``idct(dct(x) * H)`` in place, with ``H`` the
+  eigenvalues of scipy's own operator (``dct(correlate1d(e0)) / dct(e0)``),
+  so it is exact for every radius, no padding.
+* ``"direct"``: ``scipy.ndimage.correlate1d`` (small radii, where it is
+  cheaper than a transform).
+* ``"identity"``: radius 0.
 
-Memory plan for a 3-D volume (``W`` = bytes of the result array, ``float32``
-unless ``precision="float64"``): the first blur is computed axis by axis in
-place in the result array; the second blur is computed in slabs along one
-axis (with a halo of its kernel radius read from the input), and subtracted
-into the result slab by slab.  Peak = input + result + one slab + bounded
-per-thread temporaries, see :func:`peak_memory_bytes` (<= 2.4 W + 12 MiB for
-inputs whose itemsize is at most the working itemsize, e.g. uint16 or float32
-input with float32 precision).
+DoG schedule (3-D): along a first axis, both blurs share one forward
+transform (``G_s v`` and ``G_l v`` are two inverse transforms of one
+spectrum); along the middle axis each blur is filtered in place; along the
+last axis the two are combined before one inverse transform
+(``G_s v - G_l v = F^-1(H_s F(a) - H_l F(b))``).  ``G_s v`` lives in the
+result array, ``G_l v`` in a slab buffer; when memory is short the volume
+is cut into slabs along the first axis (each read with a halo of the
+kernel radius).  Every work buffer is allocated once per thread and
+reused, so the hot loop allocates nothing large (important where
+``MALLOC_TRIM_THRESHOLD_`` makes every large temporary a fresh mmap).
 
-Threads: every call uses at most ``threads`` compute threads: a pool of
-``threads`` workers over disjoint ~1 MiB blocks of lines, each calling
-``scipy.fft`` with ``workers=1``, ``correlate1d`` (single-threaded) or a GEMM
-with numpy's OpenBLAS pinned to one thread for the duration of the call;
-with ``threads=1`` no pool is created.  numpy, scipy.fft and ndimage release
-the GIL.
+Threads: ``threads`` worker threads take blocks of lines from a shared
+counter (none for ``threads=1``); every transform runs with
+``workers=1``.  No BLAS, no process-wide state.  numpy and scipy.fft
+release the GIL, and each block does ~20 numpy calls for ~1 ms of work.
 """
 from __future__ import annotations
 
-import ctypes
+import itertools
 import math
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 import scipy.fft as sfft
 import scipy.ndimage as ndi
 
-__all__ = ["MODES", "difference_of_gaussians", "gaussian", "default_threads", "peak_memory_bytes"]
+__all__ = ["MODES", "PRECISIONS", "difference_of_gaussians", "gaussian", "default_threads", "peak_memory_bytes"]
 
 MODES = ("nearest", "reflect", "mirror", "constant", "wrap")
 PRECISIONS = ("float32", "float64")
-_FFT_MODES = ("nearest", "constant")
 
-# Cost model (ns, measured on the development machine; only the ratio matters).
-_C_DIRECT = 0.65       # per output sample per (r + 1) taps (correlate1d exploits symmetry)
-_C_FFT = 0.55          # per M*log2(M), rfft + irfft of one line
-_C_FFT_LINE = 0.35     # per M, multiply/copy/correction overhead
-_C_GEMM = 0.046        # per multiply-add of a dense (outputs x window) float64 matrix product (OpenBLAS dgemm)
-_C_GEMM_LINE = 60.0    # per line (conversions)
-_GEMM_MAX_N = 512      # largest axis for which the dense line operator is built (n*n float64, <= 2 MiB)
+# Cost model (ns per sample, measured on the development machine; only the ratios matter).
+_C_FFT = 0.135        # per M*log2(M) of one in-place transform, per line
+_C_DCT = 0.16         # idem for a DCT
+_C_OP = 0.45          # one elementwise pass over a line buffer (copy, multiply, unpack)
+_C_DIRECT = 0.65      # correlate1d: per output sample per (r + 1) taps (it exploits symmetry)
 
-_FORCE_METHOD = None   # testing hook: "fft", "gemm" or "direct" for every non-identity pass
+_FORCE_METHOD = None  # testing hook: "transform" or "direct" for every pass with r > 0
 
 _MiB = 1 << 20
-_TEMP_MIN = 4 * _MiB
+_TEMP_MIN = 16 * _MiB
 _TEMP_MAX = 64 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
-_TASK_MAX = 1 * _MiB   # per-task working set: ~L2-sized blocks measured fastest (0.5-1 MiB)
+_TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
+_BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
+_SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
+_MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when the input allows it
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -103,15 +109,17 @@ def default_threads() -> int:
 
 
 def _temp_budget(work_bytes: int) -> int:
-    """Bytes all worker temporaries together may use (independent of threads)."""
+    """Bytes all worker buffers together may use (independent of threads)."""
     return int(min(_TEMP_MAX, max(_TEMP_MIN, work_bytes // 16)))
 
 
 def _slab_fraction(in_bytes: int, work_bytes: int) -> float:
-    """Fraction of the result size one slab of the second blur may take."""
-    total = 2.4 * work_bytes if in_bytes <= work_bytes else in_bytes + 1.4 * work_bytes
-    room = total - in_bytes - work_bytes - _temp_budget(work_bytes)
-    return float(min(1.0, max(room / work_bytes, 1e-9))) if work_bytes else 1.0
+    """Fraction of the result size the slab buffer of the large blur may take."""
+    if not work_bytes:
+        return 1.0
+    room = max(_MEM_CAP * work_bytes, in_bytes + 1.4 * work_bytes) - in_bytes - work_bytes
+    room = max(room - _temp_budget(work_bytes) - _SLACK, min(work_bytes, _SLAB_MIN))
+    return float(min(1.0, max(room / work_bytes, 1e-9)))
 
 
 def _nslabs(n: int, frac: float) -> int:
@@ -121,28 +129,25 @@ def _nslabs(n: int, frac: float) -> int:
 def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
     """Upper bound of the engine's peak memory for one call, input included.
 
-    ``input bytes + result bytes (W) + one slab of the second blur + worker
-    temporaries``, where the temporaries of all threads together are capped at
+    ``input + result (W) + one slab buffer + worker buffers + 8 MiB``, where
+    the worker buffers of all threads together are capped at
     ``clip(W / 16, 4 MiB, 64 MiB)`` and the slab at what keeps the total at
-    ``2.4 W`` (``in + 1.4 W`` for inputs wider than the working precision),
-    plus 8 MiB of runtime slack (thread stacks, FFT plans, allocator).
-    For float32 precision and uint16/float32 input this is <= 2.4x the
-    float32 volume size + 12 MiB.  Holds for ``difference_of_gaussians`` and
-    ``gaussian`` (which needs no slab), whatever the sigmas and threads, as
-    long as one padded line (``~16 (n + r)`` bytes per thread) fits the
-    temporaries budget.  Python/numpy bookkeeping is not included.
+    ``max(2.5 W, input + 1.4 W)``.  For float32 precision and uint16 or
+    float32 input the bound is at most 2.5x the float32 volume (input
+    included) once the volume exceeds ~40 MiB.  Holds for
+    :func:`difference_of_gaussians` and :func:`gaussian` (which needs no
+    slab), whatever the sigmas, mode and threads.  Python/numpy bookkeeping
+    is not included.
     """
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
-    w_item = np.dtype(precision).itemsize
     in_bytes = n * np.dtype(dtype).itemsize
-    work = n * w_item
+    work = n * np.dtype(precision).itemsize
     frac = _slab_fraction(in_bytes, work)
     slab = 0
     for ax_len in shape:
         if ax_len > 0:
-            k = _nslabs(ax_len, frac)
-            slab = max(slab, (work // ax_len) * math.ceil(ax_len / k))
+            slab = max(slab, (work // ax_len) * math.ceil(ax_len / _nslabs(ax_len, frac)))
     return int(in_bytes + work + slab + _temp_budget(work) + _SLACK)
 
 
@@ -185,336 +190,6 @@ def _sigmas(sigma, ndim, name="sigma"):
     return tuple(float(x) for x in np.broadcast_to(s, (ndim,)))
 
 
-# --------------------------------------------------------------------------- 1-D plans
-
-@lru_cache(maxsize=256)
-def _kernel(sigma: float, truncate: float):
-    r = int(truncate * sigma + 0.5)
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-0.5 / (sigma * sigma) * x * x)
-    k /= k.sum()
-    k.flags.writeable = False
-    return r, k
-
-
-@lru_cache(maxsize=256)
-def _transfer(sigma: float, truncate: float, M: int, wdtype: str):
-    r, k = _kernel(sigma, truncate)
-    h = np.zeros(M, dtype=np.float64)
-    np.add.at(h, np.arange(-r, r + 1) % M, k)   # circular placement (aliases add zero, see _fft_lines)
-    H = np.ascontiguousarray(sfft.rfft(h, workers=1).real, dtype=wdtype)
-    H.flags.writeable = False
-    return H
-
-
-@lru_cache(maxsize=256)
-def _edge_mass(sigma: float, truncate: float, wdtype: str):
-    """L[i] = kernel mass at offsets < -i (i.e. left of a line for output i), i < r."""
-    r, k = _kernel(sigma, truncate)
-    c = np.cumsum(k)
-    L = c[r - 1 - np.arange(r)] if r else np.zeros(0)
-    L = np.ascontiguousarray(L, dtype=wdtype)
-    L.flags.writeable = False
-    return L
-
-
-class _BlasThreads:
-    """Pin numpy's OpenBLAS to one thread while any engine call runs (refcounted).
-
-    The engine's own pool provides the parallelism; a multi-threaded GEMM inside
-    each pool worker would exceed ``threads``.  If numpy's BLAS cannot be
-    controlled (not OpenBLAS), the matrix path is disabled.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = None
-        self._get = self._set = None
-        try:
-            import numpy  # noqa: F401  (ensures the library is loaded)
-            with open("/proc/self/maps") as fh:
-                paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and "/" in ln})
-            for path in paths:
-                if "numpy" not in path:
-                    continue
-                lib = ctypes.CDLL(path)
-                for get, set_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                                  ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                                  ("openblas_get_num_threads", "openblas_set_num_threads")):
-                    if hasattr(lib, get) and hasattr(lib, set_):
-                        self._get, self._set = getattr(lib, get), getattr(lib, set_)
-                        self._get.restype = ctypes.c_int
-                        self._set.argtypes = [ctypes.c_int]
-                        break
-                if self._get is not None:
-                    break
-        except Exception:  # pragma: no cover - exotic platforms
-            self._get = self._set = None
-
-    @property
-    def available(self):
-        return self._get is not None
-
-    def get(self):
-        return int(self._get()) if self._get is not None else None
-
-    def __enter__(self):
-        if self._get is not None:
-            with self._lock:
-                if self._users == 0:
-                    self._saved = int(self._get())
-                    self._set(1)
-                self._users += 1
-        return self
-
-    def __exit__(self, *exc):
-        if self._get is not None:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0 and self._saved is not None:
-                    self._set(self._saved)
-                    self._saved = None
-
-
-_BLAS = _BlasThreads()
-
-
-@lru_cache(maxsize=8)
-def _matrix(sigma: float, truncate: float, n: int, mode: str, wdtype: str):
-    """Dense n x n operator of the 1-D filter along a line, boundary mode folded in:
-    column j is scipy's correlate1d of the unit impulse e_j (exact for every mode)."""
-    _, k = _kernel(sigma, truncate)
-    A = ndi.correlate1d(np.eye(n, dtype=np.float64), k, axis=0, mode=mode)
-    A = np.ascontiguousarray(A, dtype=wdtype)
-    A.flags.writeable = False
-    return A
-
-
-def _fft_len(r, m, a, b):
-    return sfft.next_fast_len(r + max(b, m - a), real=True)
-
-
-class _Plan:
-    """How to filter along one axis of length n with one sigma."""
-
-    __slots__ = ("sigma", "truncate", "r", "n", "mode", "method", "wdtype")
-
-    def __init__(self, sigma, truncate, n, mode, wdtype, force=None):
-        self.sigma, self.truncate, self.n, self.mode, self.wdtype = sigma, truncate, n, mode, wdtype
-        self.r, _ = _kernel(sigma, truncate)
-        if self.r == 0:
-            self.method = "identity"
-        elif force is not None:
-            ok = {"direct": True, "fft": mode in _FFT_MODES, "gemm": _BLAS.available}[force]
-            self.method = force if ok else "direct"
-        else:
-            cands = ["direct"]
-            if mode in _FFT_MODES:
-                cands.append("fft")
-            if n <= _GEMM_MAX_N and _BLAS.available:
-                cands.append("gemm")
-            self.method = min(cands, key=lambda meth: self.cost(meth, n))
-
-    def cost(self, method, m, a=0, b=None):
-        """Estimated ns per line for outputs [a, b) of a window of length m."""
-        b = m if b is None else b
-        if method == "identity":
-            return 0.1 * (b - a)
-        if method == "direct":
-            return _C_DIRECT * m * (self.r + 1)
-        if method == "gemm":
-            return _C_GEMM * m * (b - a) + _C_GEMM_LINE
-        M = _fft_len(self.r, m, a, b)
-        return _C_FFT * M * math.log2(max(M, 2)) + _C_FFT_LINE * M
-
-    def line_bytes(self, m, a, b):
-        it = np.dtype(self.wdtype).itemsize
-        if self.method == "gemm":       # float64 operands and product
-            return 8 * (m + 2 * (b - a) + 2)
-        if self.method == "fft":
-            M = _fft_len(self.r, m, a, b)
-            return it * (3 * M + m + 4)
-        return it * (2 * m + 2 * (b - a) + 4)
-
-
-def _take(arr, axis, sl):
-    idx = [slice(None)] * arr.ndim
-    idx[axis] = sl
-    return arr[tuple(idx)]
-
-
-def _bshape(vec, axis, ndim):
-    shp = [1] * ndim
-    shp[axis] = vec.shape[0]
-    return vec.reshape(shp)
-
-
-def _combine(res, dst, combine):
-    if combine == "set":
-        dst[...] = res
-    elif combine == "sub":      # dst = dst - res
-        np.subtract(dst, res, out=dst)
-    else:                       # "rsub": dst = res - dst
-        np.subtract(res, dst, out=dst)
-
-
-def _filter_block(plan: _Plan, src, dst, axis, lo, a, b, combine, scratch=None):
-    """Filter lines of ``src`` (a window [lo, lo+m) of lines of length plan.n) along
-    ``axis``; write outputs [a, b) (absolute indices) into ``dst`` per ``combine``."""
-    n, r, wd = plan.n, plan.r, plan.wdtype
-    m = src.shape[axis]
-    a_, b_ = a - lo, b - lo
-    if plan.method == "identity":
-        _combine(_take(src, axis, slice(a_, b_)), dst, combine)
-        return
-    if plan.method == "direct":
-        _, k = _kernel(plan.sigma, plan.truncate)
-        if m == b_ - a_ and combine == "set":
-            ndi.correlate1d(src, k, axis=axis, output=dst, mode=plan.mode)
-        else:
-            tmp = ndi.correlate1d(src, k, axis=axis, output=np.dtype(wd), mode=plan.mode)
-            _combine(_take(tmp, axis, slice(a_, b_)), dst, combine)
-        return
-    if plan.method == "gemm":
-        # float64 accumulation even for float32 precision: a float32 GEMM sums n products
-        # sequentially and loses ~sqrt(n) ulps of the partial sums (measured 1.5e-6 max|v|).
-        A = _matrix(plan.sigma, plan.truncate, n, plan.mode, "float64")[a:b, lo:lo + m]
-        x = src.astype(np.float64)
-        if axis == 0:
-            res = (A @ x.reshape(m, -1)).reshape((b - a,) + x.shape[1:])
-        elif axis == x.ndim - 1:
-            res = (x.reshape(-1, m) @ A.T).reshape(x.shape[:-1] + (b - a,))
-        else:
-            res = np.matmul(A, x)
-        _combine(res, dst, combine)
-        return
-    # ---- fft: circular convolution on M >= r + max(b_, m - a_) samples.  For kept output
-    # i in [a_, b_) and input j in [0, m), i - j lies in [a_-m+1, b_-1]; the taps that alias
-    # onto it (i - j -+ M) are then outside [-r, r], so no wrap-around reaches the outputs
-    # (this also makes a kernel folded onto M < 2r+1 samples exact).
-    M = _fft_len(r, m, a_, b_)
-    shp = list(src.shape)
-    shp[axis] = M
-    shp = tuple(shp)
-    key = (shp, m, axis)
-    xp = scratch.get(key) if scratch is not None else None
-    if xp is None:               # zero-padded line buffer; only [0, m) is ever written,
-        xp = np.zeros(shp, dtype=wd)   # so the tail stays zero when it is reused
-        if scratch is not None:
-            if len(scratch) >= 2:
-                scratch.pop(next(iter(scratch)))
-            scratch[key] = xp
-    x = _take(xp, axis, slice(0, m))
-    np.copyto(x, src, casting="unsafe")      # converts uint16 etc. block by block
-    F = sfft.rfft(xp, axis=axis, workers=1)
-    F *= _bshape(_transfer(plan.sigma, plan.truncate, M, wd), axis, F.ndim)
-    y = sfft.irfft(F, n=M, axis=axis, workers=1, overwrite_x=True)
-    del F
-    res = _take(y, axis, slice(a_, b_))
-    if plan.mode == "nearest":
-        L = _edge_mass(plan.sigma, plan.truncate, wd)
-        if lo == 0 and a < r:            # mass left of the line, times v[0]
-            e = min(b, r)
-            v0 = _take(x, axis, slice(0, 1))
-            _take(res, axis, slice(0, e - a))[...] += _bshape(L[a:e], axis, x.ndim) * v0
-        if lo + m == n and b > n - r:    # mass right of the line, times v[n-1]
-            s = max(a, n - r)
-            vn = _take(x, axis, slice(m - 1, m))
-            R = L[n - 1 - np.arange(s, b)]
-            _take(res, axis, slice(s - a, b - a))[...] += _bshape(R, axis, x.ndim) * vn
-    _combine(res, dst, combine)
-
-
-# --------------------------------------------------------------------------- pass scheduler
-
-class _Runner:
-    def __init__(self, threads, temp_budget):
-        self.threads = threads
-        # each worker holds at most one active block plus <= 2 cached padded buffers
-        self.task_bytes = max(1, min(_TASK_MAX, temp_budget // (3 * threads)))
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dog") if threads > 1 else None
-        self.scratch = {}   # per worker thread: reusable zero-padded FFT buffers (<= 2 each)
-        _BLAS.__enter__()
-
-    def close(self):
-        try:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            self.scratch.clear()
-        finally:
-            _BLAS.__exit__(None, None, None)
-
-    def run_pass(self, plan, src, dst, axis, lo=0, a=0, b=None, combine="set"):
-        """Filter 3-D ``src`` along ``axis`` into ``dst`` (blocks of lines in parallel)."""
-        b = plan.n if b is None else b
-        m = src.shape[axis]
-        others = [ax for ax in range(src.ndim) if ax != axis]
-        p, q = others[0], others[-1]
-        Np, Nq = src.shape[p], src.shape[q]
-        if Np == 0 or Nq == 0 or m == 0:
-            return
-        lines = max(1, self.task_bytes // plan.line_bytes(m, a - lo, b - lo))
-        # keep enough tasks for load balance
-        total = Np * Nq
-        if self.threads > 1:
-            lines = max(1, min(lines, -(-total // (4 * self.threads))))
-        if lines >= Nq:
-            bp, bq = max(1, lines // Nq), Nq
-        else:
-            bp, bq = 1, lines
-        tasks = [(i, j) for i in range(0, Np, bp) for j in range(0, Nq, bq)]
-
-        def work(ij):
-            i, j = ij
-            si = [slice(None)] * src.ndim
-            si[p] = slice(i, min(i + bp, Np))
-            si[q] = slice(j, min(j + bq, Nq))
-            si = tuple(si)
-            scratch = self.scratch.setdefault(threading.get_ident(), {})
-            _filter_block(plan, src[si], dst[si], axis, lo, a, b, combine, scratch)
-
-        if self.pool is None:
-            for t in tasks:
-                work(t)
-        else:
-            for _ in self.pool.map(work, tasks):
-                pass
-
-
-# --------------------------------------------------------------------------- engine
-
-def _as3d(v):
-    return v.reshape((1,) * (3 - v.ndim) + v.shape)
-
-
-def _plans(sig, truncate, shape3, ndim, mode, wd):
-    pad = 3 - ndim
-    s3 = (1.0,) * pad + tuple(sig)
-    out = []
-    for ax in range(3):
-        if ax < pad:
-            out.append(_Plan(1e-9, truncate, 1, mode, wd))  # identity (fake axis)
-        else:
-            out.append(_Plan(s3[ax], truncate, shape3[ax], mode, wd, force=_FORCE_METHOD))
-    return out
-
-
-def _full_blur(runner, plans, v3, out3):
-    """out3 = blur(v3), axis by axis (last axis first), in place in out3."""
-    src = v3
-    done = False
-    for ax in (2, 1, 0):
-        pl = plans[ax]
-        if pl.method == "identity":
-            continue
-        runner.run_pass(pl, src, out3, ax)
-        src = out3
-        done = True
-    if not done:
-        out3[...] = v3
-
-
 def _prepare_out(out, shape, wd, volume):
     if out is None:
         return np.empty(shape, dtype=wd)
@@ -525,33 +200,554 @@ def _prepare_out(out, shape, wd, volume):
     return out
 
 
+# --------------------------------------------------------------------------- kernels and operators
+
+@lru_cache(maxsize=256)
+def _kernel(sigma: float, truncate: float):
+    """scipy's kernel: radius and float64 weights on [-r, r]."""
+    r = int(truncate * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 / (sigma * sigma) * x * x)
+    k /= k.sum()
+    k.flags.writeable = False
+    return r, k
+
+
+def _frozen(a, dtype):
+    a = np.ascontiguousarray(a, dtype=dtype)
+    a.flags.writeable = False
+    return a
+
+
+@lru_cache(maxsize=256)
+def _fft_transfer(sigma: float, truncate: float, M: int, D: int, wrap: bool, wdtype: str):
+    """Real transfer function of the kernel placed circularly on M samples.
+
+    wrap: all taps folded modulo M (= n, the circulant operator of mode 'wrap');
+    otherwise the taps |j| <= D only, with M > 2 D (no two taps share a sample).
+    """
+    r, k = _kernel(sigma, truncate)
+    h = np.zeros(M, dtype=np.float64)
+    if wrap:
+        np.add.at(h, np.arange(-r, r + 1) % M, k)
+    else:
+        j = np.arange(-D, D + 1)
+        h[j % M] = k[j + r]
+    return _frozen(sfft.fft(h, workers=1).real, wdtype)
+
+
+@lru_cache(maxsize=256)
+def _dct_transfer(sigma: float, truncate: float, m: int, mode: str, wdtype: str):
+    """Eigenvalues of scipy's reflect (DCT-II) or mirror (DCT-I) operator on m samples."""
+    _, k = _kernel(sigma, truncate)
+    e0 = np.zeros(m)
+    e0[0] = 1.0
+    t = 2 if mode == "reflect" else 1
+    col = ndi.correlate1d(e0, k, mode=mode)
+    return _frozen(sfft.dct(col, type=t, workers=1) / sfft.dct(e0, type=t, workers=1), wdtype)
+
+
+# --------------------------------------------------------------------------- 1-D plans
+
+def _fft_len(r, n, m, a, b, mode):
+    """Transform length and tap cut D for outputs [a, b) of an m-sample window of an n-line."""
+    if mode == "wrap":
+        return n, r
+    X = max(b, m - a)
+    D = min(r, X - 1)
+    return sfft.next_fast_len(D + X, real=False), D
+
+
+class _Plan:
+    """How to filter along one axis of length ``n`` with one sigma (see the module docstring)."""
+
+    __slots__ = ("sigma", "truncate", "r", "n", "mode", "method", "wdtype")
+
+    def __init__(self, sigma, truncate, n, mode, wdtype, force=None):
+        self.sigma, self.truncate, self.n, self.mode, self.wdtype = sigma, truncate, n, mode, wdtype
+        self.r, _ = _kernel(sigma, truncate)
+        family = "dct" if mode in ("reflect", "mirror") else "fft"
+        if self.r == 0:
+            self.method = "identity"
+        elif n < 2 and family == "dct":
+            self.method = "direct"
+        elif force is not None:
+            self.method = "direct" if force == "direct" else family
+        else:
+            self.method = min((family, "direct"), key=lambda meth: self.cost(meth, n, 0, n))
+
+    @property
+    def spectral(self):
+        return self.method in ("fft", "dct")
+
+    def length(self, m, a, b):
+        """(transform length, tap cut) for outputs [a, b) of a window of m samples."""
+        if self.method == "dct":
+            return m, self.r
+        return _fft_len(self.r, self.n, m, a, b, self.mode)
+
+    def cost(self, method, m, a, b):
+        """Estimated ns per line of one pass (one input, one output)."""
+        if method == "identity":
+            return _C_OP * (b - a)
+        if method == "direct":
+            return _C_DIRECT * m * (self.r + 1) + _C_OP * (b - a)
+        M = m if method == "dct" else _fft_len(self.r, self.n, m, a, b, self.mode)[0]
+        c = _C_DCT if method == "dct" else _C_FFT
+        return 2 * c * M * math.log2(max(M, 2)) + 3 * _C_OP * M
+
+
+def _shared(pa, pb):
+    """Can the two plans share a transform (same method, spectral)?"""
+    return pa.spectral and pa.method == pb.method
+
+
+def _pass_cost(plans, m, a, b, kind):
+    """ns per line of a 'split' (one source, two outputs), 'merge' or 'single' pass."""
+    if kind == "single" or not _shared(*plans):
+        return sum(p.cost(p.method, m, a, b) for p in plans)
+    p = plans[0]
+    M = max(q.length(m, a, b)[0] for q in plans)
+    c = _C_DCT if p.method == "dct" else _C_FFT
+    return 3 * c * M * math.log2(max(M, 2)) + 5 * _C_OP * M
+
+
+# --------------------------------------------------------------------------- block kernels
+
+class _Job:
+    """One pass along the last axis of canonical (P, Q, n) views.
+
+    ``srcs``: source views whose last axis is the window [lo, lo + m) of the line;
+    ``outs``: list of (destination view, a, b, terms, op); the destination's last axis
+    holds outputs [a, b) (absolute); ``terms`` = [(source index, plan, sign)];
+    ``op`` "set" or "sub" (dst -= result).
+    """
+
+    __slots__ = ("srcs", "outs", "lo", "m", "n", "method", "M", "H", "line_bytes")
+
+    def __init__(self, srcs, outs, lo):
+        self.srcs, self.outs, self.lo = srcs, outs, lo
+        self.m = srcs[0].shape[-1]
+        plan = outs[0][3][0][1]
+        self.n, self.method = plan.n, plan.method
+        if self.method in ("fft", "dct"):
+            self.M = max(p.length(self.m, a - lo, b - lo)[0] for _, a, b, terms, _ in outs for _, p, _ in terms)
+            self.H = [[_broadcasts(self._transfer(p, a - lo, b - lo)) for _, p, _ in terms]
+                      for _, a, b, terms, _ in outs]
+        else:
+            self.M, self.H = self.m, None
+        # bytes of work buffer per line (an fft line is half of a packed complex line)
+        self.line_bytes = np.dtype(plan.wdtype).itemsize * self.M
+
+    def _transfer(self, p, a_, b_):
+        if p.method == "dct":
+            return _dct_transfer(p.sigma, p.truncate, self.M, p.mode, p.wdtype)
+        D = p.length(self.m, a_, b_)[1]
+        return _fft_transfer(p.sigma, p.truncate, self.M, D, p.mode == "wrap", p.wdtype)
+
+
+def _broadcasts(H):
+    """H as multiplied by a real spectrum (M,), by complex float pairs (M, 1) when the lines are
+    strided, and by a contiguous complex line seen as 2M floats."""
+    return H, H[:, None], np.repeat(H, 2)
+
+
+class _Scratch:
+    """Per-thread reusable buffers, allocated in the memory order of the pass's lines."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, role, shape, dtype, axis, pairs=False):
+        """A (P, Q, M)-shaped view of a buffer whose memory order matches the source's
+        (and with ``pairs``, the same memory as (P, Q, M, 2) floats)."""
+        key = (role, np.dtype(dtype).str)
+        mem = list(shape[:-1])
+        mem.insert(axis, shape[-1])
+        size = math.prod(mem)
+        buf = self.bufs.get(key)
+        if buf is None or buf.shape[0] < size:
+            buf = self.bufs[key] = np.empty(size, dtype=dtype)
+        arr = buf[:size].reshape(mem)
+        view = np.moveaxis(arr, axis, -1)
+        if not pairs:
+            return view
+        if arr.dtype.kind != "c":
+            return view, view
+        if axis == len(mem) - 1:     # contiguous lines: (P, Q, 2M) floats
+            return view, arr.view(arr.real.dtype)
+        return view, np.moveaxis(arr.view(arr.real.dtype).reshape(mem + [2]), axis, -2)
+
+
+def _combine(dst, res, op):
+    if op == "set":
+        np.copyto(dst, res, casting="unsafe")
+    else:
+        np.subtract(dst, res, out=dst, casting="unsafe")
+
+
+def _block_identity(job, blk, scratch, axis):
+    (dst, a, b, terms, op), = job.outs
+    _combine(dst[blk], job.srcs[terms[0][0]][blk][..., a - job.lo:b - job.lo], op)
+
+
+def _block_direct(job, blk, scratch, axis):
+    (dst, a, b, terms, op), = job.outs
+    (i, plan, _), = terms
+    src = job.srcs[i][blk]
+    _, k = _kernel(plan.sigma, plan.truncate)
+    if job.m == b - a and op == "set":
+        ndi.correlate1d(src, k, axis=-1, output=dst[blk], mode=plan.mode)
+        return
+    tmp = scratch.get("direct", src.shape, plan.wdtype, axis)
+    ndi.correlate1d(src, k, axis=-1, output=tmp, mode=plan.mode)
+    _combine(dst[blk], tmp[..., a - job.lo:b - job.lo], op)
+
+
+def _block_dct(job, blk, scratch, axis):
+    """Reflect/mirror lines: dct in place, multiply by each output's eigenvalues, idct."""
+    plan0 = job.outs[0][3][0][1]
+    t = 2 if plan0.mode == "reflect" else 1
+    spec = []
+    for i, src in enumerate(job.srcs):
+        s = src[blk]
+        x = scratch.get(("src", i), s.shape, plan0.wdtype, axis)
+        np.copyto(x, s, casting="unsafe")
+        spec.append(sfft.dct(x, type=t, axis=-1, overwrite_x=True, workers=1))
+    for o, (dst, a, b, terms, op) in enumerate(job.outs):
+        y = _mix(job, o, spec, spec, scratch, axis)
+        y = sfft.idct(y, type=t, axis=-1, overwrite_x=True, workers=1)
+        _combine(dst[blk], y[..., a - job.lo:b - job.lo], op)
+
+
+def _mix(job, o, spec, flat, scratch, axis):
+    """Spectrum of output o: the sum of sign * H * spectrum over its terms, in place where no
+    later output needs that spectrum.  ``flat``: the same spectra as real arrays (a complex
+    spectrum as (..., M, 2) float pairs), so that each product is one real multiplication."""
+    terms = job.outs[o][3]
+    later = {i for _, _, _, ts, _ in job.outs[o + 1:] for i, _, _ in ts}
+    acc = None
+    for (i, _, sign), H in zip(terms, job.H[o]):
+        x, xf = spec[i], flat[i]
+        if i in later:
+            y, yf = scratch.get(("mix", o), x.shape, x.dtype, axis, pairs=True)
+        else:
+            y, yf = x, xf
+        np.multiply(xf, H[0] if xf is x else H[1] if xf.shape[-1] == 2 else H[2], out=yf)
+        if acc is None:
+            acc, accf = y, yf
+            if sign < 0:
+                np.negative(accf, out=accf)
+        elif sign < 0:
+            np.subtract(accf, yf, out=accf)
+        else:
+            np.add(accf, yf, out=accf)
+    return acc
+
+
+def _pack(s, h, dtype):
+    """(P, Q, 1) real edge values as (P, ceil(Q/2), 1) complex pairs."""
+    c = np.zeros((s.shape[0], h, 1), dtype=dtype)
+    c.real[...] = s[:, :h]
+    c.imag[:, :s.shape[1] - h] = s[:, h:]
+    return c
+
+
+def _block_fft(job, blk, scratch, axis):
+    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines.
+
+    'nearest': the value of a true line end (``c``) is subtracted first, which makes that
+    end's extension zero; it is added back to the outputs, and the other end (if it is a
+    true end too) gets ``(v[n-1] - c) * L[n-1-i]``.
+    """
+    plan0 = job.outs[0][3][0][1]
+    cd = np.result_type(plan0.wdtype, np.complex64)
+    M, m, lo, n = job.M, job.m, job.lo, job.n
+    spec, flat, shift, right = [], [], [], []
+    for i, src in enumerate(job.srcs):
+        s = src[blk]
+        h = (s.shape[1] + 1) // 2
+        z, zf = scratch.get(("src", i), (s.shape[0], h, M), cd, axis, pairs=True)
+        c = e = None
+        if plan0.mode == "nearest" and lo == 0:
+            c = _pack(s[..., :1], h, cd)
+            if m == n:
+                e = _pack(s[..., m - 1:], h, cd) - c
+        elif plan0.mode == "nearest" and lo + m == n:
+            c = _pack(s[..., m - 1:], h, cd)
+        if c is None:
+            np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
+            np.copyto(z.imag[:, :s.shape[1] - h, :m], s[:, h:], casting="unsafe")
+        else:
+            np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
+            np.subtract(s[:, h:], c.imag[:, :s.shape[1] - h], out=z.imag[:, :s.shape[1] - h, :m],
+                        casting="unsafe")
+        if s.shape[1] - h < h:
+            z.imag[:, -1, :m] = 0
+        z[..., m:] = 0
+        shift.append(c)
+        right.append(e)
+        spec.append(sfft.fft(z, axis=-1, overwrite_x=True, workers=1))
+        flat.append(zf)
+    for o, (dst, a, b, terms, op) in enumerate(job.outs):
+        y = _mix(job, o, spec, flat, scratch, axis)
+        y = sfft.ifft(y, axis=-1, overwrite_x=True, workers=1)
+        c = None
+        for i, p, sign in terms:
+            if right[i] is not None and b > n - p.r:
+                _right_edge(y, right[i], p, sign, a, b, lo, n, scratch, axis)
+            if shift[i] is not None:
+                c = sign * shift[i] if c is None else c + sign * shift[i]
+        d = dst[blk]
+        h = y.shape[1]
+        yr, yi = y.real[..., a - lo:b - lo], y.imag[:, :d.shape[1] - h, a - lo:b - lo]
+        if c is not None and op == "set":      # add the shifted edge value back while unpacking
+            np.add(yr, c.real, out=d[:, :h], casting="unsafe")
+            np.add(yi, c.imag[:, :d.shape[1] - h], out=d[:, h:], casting="unsafe")
+            continue
+        if c is not None:
+            np.add(yr, c.real, out=yr)
+            np.add(yi, c.imag[:, :d.shape[1] - h], out=yi)
+        _combine(d[:, :h], yr, op)
+        _combine(d[:, h:], yi, op)
+
+
+def _right_edge(y, e, p, sign, a, b, lo, n, scratch, axis):
+    """y[i] += sign * e * L[n-1-i] for outputs i in [max(a, n-r), b) (packed lines y)."""
+    s = max(a, n - p.r)
+    R = _right_mass(p.sigma, p.truncate, p.n, p.wdtype)[s:b]
+    t = scratch.get("edge", y[..., s - lo:b - lo].shape, y.dtype, axis)
+    np.multiply(e, -R if sign < 0 else R, out=t)
+    np.add(y[..., s - lo:b - lo], t, out=y[..., s - lo:b - lo])
+
+
+@lru_cache(maxsize=256)
+def _right_mass(sigma: float, truncate: float, n: int, wdtype: str):
+    """R[i] = kernel mass right of a line of n samples for output i (taps j > n-1-i)."""
+    r, k = _kernel(sigma, truncate)
+    i = np.arange(n)
+    c = np.concatenate(([0.0], np.cumsum(k)))      # c[t] = mass of taps j < t - r
+    t = np.clip(n - 1 - i + 1 + r, 0, 2 * r + 1)   # taps j <= n-1-i
+    return _frozen(1.0 - c[t] if r else np.zeros(n), wdtype)
+
+
+_BLOCK = {"identity": _block_identity, "direct": _block_direct, "dct": _block_dct, "fft": _block_fft}
+
+
+# --------------------------------------------------------------------------- scheduler
+
+class _Runner:
+    """Runs jobs block by block on ``threads`` threads: the caller and ``threads - 1`` helpers
+    started once per engine call (none for one thread), taking blocks from a shared counter."""
+
+    def __init__(self, threads, temp_budget):
+        self.threads = threads
+        self.task_bytes = max(64 << 10, min(_TASK_MAX, temp_budget // (_BUFFERS * threads)))
+        self.scratch = [_Scratch() for _ in range(threads)]
+        self.inbox = [queue.SimpleQueue() for _ in range(threads - 1)]
+        self.done = queue.SimpleQueue()
+        self.helpers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for box in self.inbox[:len(self.helpers)]:
+            box.put(None)
+        for th in self.helpers:
+            th.join()
+
+    def _blocks(self, job, P, Q):
+        lines = max(1, self.task_bytes // max(1, job.line_bytes))
+        if self.threads > 1:    # enough blocks for every thread to stay busy
+            lines = max(2, min(lines, -(-P * Q // (4 * self.threads))))
+        if lines >= Q:
+            bp, bq = max(1, lines // Q), Q
+        else:
+            bp, bq = 1, lines
+        return [(slice(i, min(i + bp, P)), slice(j, min(j + bq, Q)))
+                for i in range(0, P, bp) for j in range(0, Q, bq)]
+
+    @staticmethod
+    def _work(task, scratch):
+        fn, job, blocks, counter, axis, errors = task
+        try:
+            while not errors:
+                t = next(counter)
+                if t >= len(blocks):
+                    return
+                fn(job, blocks[t], scratch, axis)
+        except BaseException as exc:  # re-raised by the caller
+            errors.append(exc)
+
+    def _helper(self, w):
+        box = self.inbox[w - 1]
+        while True:
+            task = box.get()
+            if task is None:
+                return
+            self._work(task, self.scratch[w])
+            self.done.put(w)
+
+    def run(self, job, axis):
+        P, Q = job.srcs[0].shape[:2]
+        if P == 0 or Q == 0 or job.m == 0:
+            return
+        blocks = self._blocks(job, P, Q)
+        errors = []
+        task = (_BLOCK[job.method], job, blocks, itertools.count(), axis, errors)
+        helpers = min(self.threads, len(blocks)) - 1
+        while len(self.helpers) < helpers:
+            th = threading.Thread(target=self._helper, args=(len(self.helpers) + 1,), daemon=True,
+                                  name=f"dog-{len(self.helpers) + 1}")
+            th.start()
+            self.helpers.append(th)
+        for box in self.inbox[:helpers]:
+            box.put(task)
+        self._work(task, self.scratch[0])
+        for _ in range(helpers):
+            self.done.get()
+        if errors:
+            raise errors[0]
+
+
+def _canon(arr, axis):
+    """(P, Q, n) view with the filtered axis last."""
+    return np.moveaxis(arr, axis, -1)
+
+
+def _window(arr, axis, lo, hi):
+    idx = [slice(None)] * arr.ndim
+    idx[axis] = slice(lo, hi)
+    return arr[tuple(idx)]
+
+
+def _single(run, plan, src, dst, axis, lo=0, a=0, b=None, op="set"):
+    """dst (outputs [a, b) along axis) op= G src (window starting at lo)."""
+    b = plan.n if b is None else b
+    job = _Job([_canon(src, axis)], [(_canon(dst, axis), a, b, [(0, plan, 1)], op)], lo)
+    run.run(job, axis)
+
+
+def _split(run, pa, pb, src, da, db, axis, lo, ranges):
+    """da = G_a src, db = G_b src on outputs ranges[0] and ranges[1], sharing one forward transform."""
+    (aa, ba), (ab, bb) = ranges
+    if not _shared(pa, pb):
+        _single(run, pa, src, da, axis, lo, aa, ba)
+        _single(run, pb, src, db, axis, lo, ab, bb)
+        return
+    outs = [(_canon(da, axis), aa, ba, [(0, pa, 1)], "set"), (_canon(db, axis), ab, bb, [(0, pb, 1)], "set")]
+    run.run(_Job([_canon(src, axis)], outs, lo), axis)
+
+
+def _merge(run, pa, pb, sa, sb, dst, axis):
+    """dst = G_a sa - G_b sb (whole lines; dst may be sa), one inverse transform when shared."""
+    if not _shared(pa, pb):
+        _single(run, pa, sa, dst, axis)
+        _single(run, pb, sb, dst, axis, op="sub")
+        return
+    outs = [(_canon(dst, axis), 0, pa.n, [(0, pa, 1), (1, pb, -1)], "set")]
+    run.run(_Job([_canon(sa, axis), _canon(sb, axis)], outs, 0), axis)
+
+
+# --------------------------------------------------------------------------- engine
+
+def _as3d(v):
+    return v.reshape((1,) * (3 - v.ndim) + v.shape)
+
+
+def _plans(sig, truncate, shape3, ndim, mode, wd):
+    pad = 3 - ndim
+    s3 = (1e-9,) * pad + tuple(sig)   # leading fake axes: radius 0, identity
+    return [_Plan(s3[ax], truncate, shape3[ax], mode, wd, force=_FORCE_METHOD) for ax in range(3)]
+
+
+def _slabs(pa, pb, n, k):
+    """Slabs [s0, s1) of the first axis with their input windows [lo, hi)."""
+    width = math.ceil(n / k)
+    R = max(pa.r, pb.r)
+    whole = pa.mode == "wrap" and R > 0
+    for s0 in range(0, n, width):
+        s1 = min(n, s0 + width)
+        lo, hi = (0, n) if whole else (max(0, s0 - R), min(n, s1 + R))
+        yield s0, s1, lo, hi
+
+
+def _first_cost(pa, pb, n, k):
+    """ns per line of the first axis' passes over all slabs (see :func:`_dog_slab`)."""
+    slabs = list(_slabs(pa, pb, n, k))
+    if k > 1 and slabs[0][2:] == (0, n):     # every window is the whole line: G_a once
+        s0, s1 = slabs[0][:2]
+        cost = _pass_cost((pa, pb), n, 0, n, "split")
+        return cost + sum(pb.cost(pb.method, n, t0, t1) for t0, t1, _, _ in slabs[1:])
+    return sum(_pass_cost((pa, pb), hi - lo, s0 - lo, s1 - lo, "split") for s0, s1, lo, hi in slabs)
+
+
+def _schedule(pa, pb, shape3, frac):
+    """(first, middle, last axis, number of slabs) of least estimated cost."""
+    best = None
+    size = math.prod(shape3)
+    for first, middle, last in itertools.permutations(range(3)):
+        n = shape3[first]
+        k = _nslabs(n, frac)
+        cost = _first_cost(pa[first], pb[first], n, k) * (size // n)
+        for p in (pa[middle], pb[middle]):
+            cost += p.cost(p.method, shape3[middle], 0, shape3[middle]) * (size // shape3[middle])
+        n_l = shape3[last]
+        cost += _pass_cost((pa[last], pb[last]), n_l, 0, n_l, "merge") * (size // n_l)
+        if best is None or (cost, k) < best[0]:
+            best = ((cost, k), first, middle, last, k)
+    return best[1:]
+
+
+def _dog_slab(run, pa, pb, v3, o3, buf, axes, slab, a_once, i):
+    """out[slab] = G_a v - G_b v for slab ``i`` of the first axis (G_b v goes through buf).
+
+    ``a_once`` (the first slab's window is the whole line): slab 0 writes G_a v along the
+    first axis for the whole volume, from the same forward transform; later slabs only
+    filter G_b v along it.
+    """
+    first, middle, last = axes
+    n = v3.shape[first]
+    s0, s1, lo, hi = slab
+    osl = _window(o3, first, s0, s1)
+    bsl = _window(buf, first, 0, s1 - s0)
+    src = _window(v3, first, lo, hi)
+    if a_once and i > 0:
+        _single(run, pb[first], src, bsl, first, lo, s0, s1)
+    elif a_once:
+        _split(run, pa[first], pb[first], src, o3, bsl, first, lo, [(0, n), (s0, s1)])
+    else:
+        _split(run, pa[first], pb[first], src, osl, bsl, first, lo, [(s0, s1), (s0, s1)])
+    _single(run, pa[middle], osl, osl, middle)
+    _single(run, pb[middle], bsl, bsl, middle)
+    _merge(run, pa[last], pb[last], osl, bsl, osl, last)
+
+
 def _generic_nd(v, sigmas, truncate, mode, wd, out, signs):
     """ndim > 3: plain scipy correlate1d passes (exact, not memory-optimised)."""
-    res = out
-    first = True
-    for sig, sign in zip(sigmas, signs):
+    for idx, (sig, sign) in enumerate(zip(sigmas, signs)):
         tmp = np.empty(v.shape, dtype=wd)
         tmp[...] = v
         for ax in range(v.ndim):
             r, k = _kernel(sig[ax], truncate)
             if r:
                 ndi.correlate1d(tmp, k, axis=ax, output=tmp, mode=mode)
-        if first:
-            res[...] = tmp if sign > 0 else -tmp
-            first = False
-        elif sign > 0:
-            res += tmp
+        if idx == 0:
+            np.multiply(tmp, sign, out=out)
         else:
-            res -= tmp
-    return res
+            out += sign * tmp
+    return out
 
 
 def gaussian(volume, sigma, *, truncate=4.0, mode="nearest", precision="float32", threads=None, out=None):
     """Exact Gaussian blur, same engine as :func:`difference_of_gaussians`.
 
-    Equals ``scipy.ndimage.gaussian_filter(volume, sigma, truncate=truncate, mode=mode)``
-    (float64) to float32 round-off.  Peak memory: input + result + worker
-    temporaries (see :func:`peak_memory_bytes`).
+    Equals ``scipy.ndimage.gaussian_filter(volume, sigma, truncate=truncate,
+    mode=mode)`` computed in float64, to the rounding of ``precision``.
+    Parameters are those of :func:`difference_of_gaussians` with one
+    ``sigma``.  Peak memory: input + result + worker buffers (see
+    :func:`peak_memory_bytes`).
     """
     v, truncate, threads = _check_common(volume, truncate, mode, precision, threads)
     sig = _sigmas(sigma, v.ndim)
@@ -561,74 +757,57 @@ def gaussian(volume, sigma, *, truncate=4.0, mode="nearest", precision="float32"
     if v.ndim > 3:
         return _generic_nd(v, [sig], truncate, mode, precision, out, [1])
     v3, o3 = _as3d(v), _as3d(out)
-    runner = _Runner(threads, _temp_budget(out.nbytes))
-    try:
-        _full_blur(runner, _plans(sig, truncate, v3.shape, v.ndim, mode, precision), v3, o3)
-    finally:
-        runner.close()
+    plans = _plans(sig, truncate, v3.shape, v.ndim, mode, precision)
+    src = v3
+    with _Runner(threads, _temp_budget(out.nbytes)) as run:
+        for ax in (2, 1, 0):
+            _single(run, plans[ax], src, o3, ax)
+            src = o3
     return out
-
-
-def _choose_slab(plans_a, plans_b, shape3, frac, mode):
-    """Pick (slab axis, which blur is slabbed, number of slabs) minimising the halo cost."""
-    best = None
-    for ax in (2, 1, 0):   # ties -> the contiguous axis (cheapest windowed reads)
-        n = shape3[ax]
-        k = _nslabs(n, frac)
-        if k == 1 and frac < 1.0 and n > 1:
-            pass
-        width = math.ceil(n / k)
-        for which, plans in ((0, plans_a), (1, plans_b)):
-            pl = plans[ax]
-            if k == 1:
-                extra = 0.0
-            elif mode == "wrap" and pl.method != "identity":
-                extra = 1e30   # wrap needs whole lines: no windows
-            else:
-                rest = shape3[0] * shape3[1] * shape3[2] // n
-                cost = 0.0
-                for s0 in range(0, n, width):
-                    s1 = min(n, s0 + width)
-                    lo, hi = max(0, s0 - pl.r), min(n, s1 + pl.r)
-                    cost += pl.cost(pl.method, hi - lo, s0 - lo, s1 - lo)
-                extra = (cost - pl.cost(pl.method, n)) * rest
-            key = (extra, -n)
-            if best is None or key < best[0]:
-                best = (key, ax, which, k)
-    return best[1], best[2], best[3]
 
 
 def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, mode="nearest",
                             precision="float32", threads=None, out=None) -> np.ndarray:
     """Exact Difference of Gaussians ``G(sigma_small) - G(sigma_large)``.
 
+    Computes, to the rounding of ``precision``::
+
+        gaussian_filter(volume, sigma_small, truncate=truncate, mode=mode)
+        - gaussian_filter(volume, sigma_large, truncate=truncate, mode=mode)
+
+    with ``scipy.ndimage.gaussian_filter`` in float64: along every axis the
+    correlation with ``w[j] = exp(-j**2 / (2 sigma**2)) / sum(...)``,
+    ``j in [-r, r]``, ``r = int(truncate * sigma + 0.5)``, over the line
+    extended by ``mode``.
+
     Parameters
     ----------
     volume : ndarray
-        (z, y, x) array of any real numeric dtype (uint16 is read slab by slab,
-        never copied as a whole).  1-D and 2-D arrays use the same engine;
-        more than 3 dimensions fall back to plain ``correlate1d`` passes.
+        Real numeric array, typically (z, y, x) uint16; it is read, never
+        copied as a whole.  1-D and 2-D arrays use the same engine; more than
+        3 dimensions fall back to plain ``correlate1d`` passes.
     sigma_small, sigma_large : float or sequence of float
-        Standard deviations in voxels, scalar or one per axis; > 0 and
-        finite.  Their order is not checked (the result is simply
-        ``G(sigma_small) - G(sigma_large)``).
-    truncate : float
-        Kernel radius ``int(truncate * sigma + 0.5)`` as in scipy.
-    mode : {"nearest", "reflect", "mirror", "constant", "wrap"}
-        scipy.ndimage boundary mode (``constant`` uses cval = 0).  ``nearest``
-        and ``constant`` may use the FFT path with exact analytic edge
-        handling; every mode may use the dense line operator (axes <= 512,
-        float64 GEMM, mode folded in exactly) or ``scipy.ndimage.correlate1d``
-        (exact; for ``reflect``/``mirror``/``wrap`` on long axes with large
-        radii this is scipy's speed divided by ``threads``).
-    precision : {"float32", "float64"}
+        Standard deviations in voxels, scalar or one per axis; > 0 and finite.
+        Their order is not checked (the result is ``G(sigma_small) -
+        G(sigma_large)``).
+    truncate : float, optional
+        Kernel radius ``int(truncate * sigma + 0.5)``, as in scipy. Default 4.
+    mode : {'nearest', 'reflect', 'mirror', 'constant', 'wrap'}, optional
+        How lines are extended beyond their ends, as in scipy.ndimage:
+
+        * 'nearest' (a a a a | a b c d | d d d d): the edge value repeated.
+        * 'reflect' (d c b a | a b c d | d c b a): half-sample symmetric.
+        * 'mirror' (d c b | a b c d | c b a): whole-sample symmetric.
+        * 'constant' (0 0 0 0 | a b c d | 0 0 0 0): zeros (cval = 0).
+        * 'wrap' (a b c d | a b c d | a b c d): periodic.
+
+        Extensions repeat as often as the kernel needs (radius > length).
+    precision : {'float32', 'float64'}, optional
         Working and output precision.
     threads : int, optional
-        Compute threads to use (default :func:`default_threads`).  The engine
-        never runs more than ``threads`` compute threads: a pool of
-        ``threads`` workers (none if 1), each calling scipy.fft with
-        ``workers=1``; numpy's OpenBLAS is pinned to 1 thread while any
-        engine call runs (refcounted, restored afterwards).
+        Compute threads (default :func:`default_threads`).  The engine never
+        runs more: ``threads - 1`` helper threads during the call (none for
+        1), transforms with ``workers=1``, no BLAS.
     out : ndarray, optional
         Result buffer (dtype ``precision``, shape of ``volume``, not
         overlapping it).
@@ -636,16 +815,19 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     Returns
     -------
     ndarray
-        ``precision`` dtype array; max abs error vs the float64
-        ``scipy.ndimage.gaussian_filter`` DoG is ~1e-6 relative to max|v| in
-        float32 (well inside ``1e-3 + 1e-6 max|v|``) and ~1e-12 in float64.
+        ``precision`` array of ``volume``'s shape.  Max abs error against the
+        float64 scipy DoG: ~1e-6 max|v| in float32 (within ``1e-3 + 1e-6
+        max|v|``), ~1e-12 max|v| in float64.
 
     Notes
     -----
-    Peak memory (input included) <= :func:`peak_memory_bytes`, i.e. at most
-    2.4x the float32 volume size + 12 MiB for uint16/float32 input with
-    float32 precision (in + out + one slab + temporaries capped at
-    ``clip(W/16, 4 MiB, 64 MiB)``).
+    Per axis the pass is an exact FFT with zero padding and analytic
+    'nearest' edges, a DCT-II ('reflect') or DCT-I ('mirror') without
+    padding, a circulant FFT ('wrap'), or ``correlate1d`` for small radii;
+    see the module docstring.  Peak memory (input included) is at most
+    :func:`peak_memory_bytes`: ``max(2.5 W, input + 1.4 W)`` plus bounded
+    worker buffers, ``W`` the result size; when the large blur does not fit
+    whole beside the result it is computed in slabs with halos.
     """
     v, truncate, threads = _check_common(volume, truncate, mode, precision, threads)
     ss = _sigmas(sigma_small, v.ndim, "sigma_small")
@@ -655,47 +837,17 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
         return out
     if v.ndim > 3:
         return _generic_nd(v, [ss, sl], truncate, mode, precision, out, [1, -1])
-    wd = precision
     v3, o3 = _as3d(v), _as3d(out)
-    shape3 = v3.shape
-    pa = _plans(ss, truncate, shape3, v.ndim, mode, wd)
-    pb = _plans(sl, truncate, shape3, v.ndim, mode, wd)
-    frac = _slab_fraction(v.nbytes, out.nbytes)
-    sax, which, k = _choose_slab(pa, pb, shape3, frac, mode)
-    # Q (slabbed) is computed last and combined into out, which holds P.
-    P, Q = (pb, pa) if which == 0 else (pa, pb)
-    combine = "rsub" if which == 0 else "sub"   # out = G_small - G_large
-    runner = _Runner(threads, _temp_budget(out.nbytes))
-    try:
-        _full_blur(runner, P, v3, o3)
-        n = shape3[sax]
-        width = math.ceil(n / k)
-        rest = [ax for ax in (2, 1, 0) if ax != sax]
-        pq = Q[sax]
-        bufall = buf = None
-        for s0 in range(0, n, width):
-            s1 = min(n, s0 + width)
-            if pq.method == "identity":
-                lo, hi = s0, s1
-            elif mode == "wrap":
-                lo, hi = 0, n
-            else:
-                lo, hi = max(0, s0 - pq.r), min(n, s1 + pq.r)
-            oslab = _take(o3, sax, slice(s0, s1))
-            todo = [ax for ax in rest if Q[ax].method != "identity"]
-            if not todo:   # only the slab axis filters: combine directly
-                runner.run_pass(pq, _take(v3, sax, slice(lo, hi)), oslab, sax, lo, s0, s1, combine)
-                continue
-            if bufall is None:   # one slab buffer, reused (first touch of fresh pages is slow)
-                bshape = list(shape3)
-                bshape[sax] = width
-                bufall = np.empty(bshape, dtype=wd)
-            buf = _take(bufall, sax, slice(0, s1 - s0))
-            runner.run_pass(pq, _take(v3, sax, slice(lo, hi)), buf, sax, lo, s0, s1, "set")
-            for i, ax in enumerate(todo):
-                last = i == len(todo) - 1
-                runner.run_pass(Q[ax], buf, oslab if last else buf, ax, combine=combine if last else "set")
-        del bufall, buf
-    finally:
-        runner.close()
+    pa = _plans(ss, truncate, v3.shape, v.ndim, mode, precision)
+    pb = _plans(sl, truncate, v3.shape, v.ndim, mode, precision)
+    first, middle, last, k = _schedule(pa, pb, v3.shape, _slab_fraction(v.nbytes, out.nbytes))
+    n = v3.shape[first]
+    bshape = list(v3.shape)
+    bshape[first] = math.ceil(n / k)
+    buf = np.empty(bshape, dtype=precision)
+    slabs = list(_slabs(pa[first], pb[first], n, k))
+    a_once = len(slabs) > 1 and slabs[0][2:] == (0, n)
+    with _Runner(threads, _temp_budget(out.nbytes)) as run:
+        for i, slab in enumerate(slabs):
+            _dog_slab(run, pa, pb, v3, o3, buf, (first, middle, last), slab, a_once, i)
     return out

@@ -104,6 +104,7 @@ def test_missing_interface_refused():
     prof = parse_profile({"cluster_type": "slurm", "cores": 1, "memory": "4GiB", "interface": "nosuch0"}, "p")
     with pytest.raises(ProfileError, match="network interface 'nosuch0' does not exist"):
         prof.preflight(2**20)
+    assert prof.check_memory(2**20) == (2**20, 4 * GiB)  # `dogflow plan` may run elsewhere: memory only
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_output_exact
+from flows.clusters import shipped_profiles
 from flows.sample import make_sample
 from tasks import store
 from prefect_services import ROOT, PrefectServer, Worker, deploy, flow_run_logs, require, wait_flow_run
@@ -97,8 +98,21 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         positions = _prop(page, "positions")
         positions.get_by_role("button", name="str", exact=True).click()
         positions.locator("textarea, input[type=text]").first.fill("0-1")
-        with page.expect_response(lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST") as created:
-            page.get_by_role("button", name="Submit", exact=True).click()
+        # `cluster` offers the shipped profile names (and, on its second tab, any text: a YAML path)
+        cluster = _prop(page, "cluster").locator(".p-select-button__control")
+        cluster.focus()
+        page.keyboard.press("ArrowDown")  # opens the list (a plain click does not, in this headless Chromium)
+        page.locator(".p-select-option__text").first.wait_for()
+        offered = [t.strip() for t in page.locator(".p-select-option__text").all_inner_texts()]
+        assert set(shipped_profiles()) <= set(offered), offered
+        page.locator(".p-select-option__text", has_text=re.compile(r"^\s*local\s*$")).click()
+        assert cluster.inner_text().strip() == "local"
+        for _ in range(3):  # a 503 is this small server's busy database; the form stays and is sent again
+            with page.expect_response(lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST") as created:
+                page.get_by_role("button", name="Submit", exact=True).click()
+            if created.value.status != 503:
+                break
+            page.wait_for_timeout(2000)
         assert created.value.status == 201, (created.value.status, created.value.text(), problems)
         # the UI goes back to the deployment page once the run is created
         page.wait_for_url(re.compile(rf"/deployments/deployment/{dep.id}(\?|$)"))
@@ -120,6 +134,7 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     assert fr.parameters["input_path"] == str(inp) and fr.parameters["output_path"] == str(out)
     assert fr.parameters["channel"] == 1 and fr.parameters["positions"] == "0-1"
     assert fr.parameters["sigma_small"] == 1.2 and fr.parameters["sigma_large"] == 2.75
+    assert fr.parameters.get("cluster", "local") == "local"
 
     final = wait_flow_run(server, str(fr.id), timeout=300)
     try:

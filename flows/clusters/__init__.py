@@ -14,6 +14,7 @@ Public surface::
     parse_profile(mapping, name) -> ClusterProfile
 
     profile.preflight(need_bytes_per_task) -> (need, have)   # interface + memory; sizes `local`
+    profile.check_memory(need_bytes_per_task) -> (need, have)  # memory only (dogflow plan)
     profile.task_slots_and_memory() -> (slots, bytes | None)
     profile.threads_per_task() -> int | None
     profile.runner_arguments() -> dict                       # DaskTaskRunner kwargs (data)

@@ -168,8 +168,7 @@ class ClusterProfile:
         return self.check_memory(need_bytes_per_task)
 
     def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
-        """The memory part of :meth:`preflight` (``dogflow plan`` renders for a site whose interfaces
-        this host may not have)."""
+        """The memory part of :meth:`preflight` alone (``dogflow plan``, which may run on another host)."""
         self.need = int(need_bytes_per_task)
         slots, have = self.task_slots_and_memory()
         if have is not None and have < self.need:

@@ -123,9 +123,8 @@ class LocalProfile(ClusterProfile):
         return self._plan
 
     def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
-        self.need = int(need_bytes_per_task)
         self._plan = None
-        self.plan(self.need)  # refuses a position that cannot fit
+        self.plan(int(need_bytes_per_task))  # refuses a position that cannot fit
         return super().check_memory(need_bytes_per_task)
 
     def task_slots_and_memory(self) -> tuple[int, int | None]:
