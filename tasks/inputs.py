@@ -19,7 +19,8 @@ Layouts (``Dataset.layout``):
 
 Voxel size and unit come from the NGFF metadata (scale of the full-resolution dataset, times the
 multiscale's own scale; unit of the z, y, x axes); every position must agree on shape, dtype, channel
-count and voxel size. Every failure is a one-line :class:`StoreError`.
+count and voxel size (checked by ``open_dataset(path)``; a task opens with ``check=False`` and reads only
+the metadata of the image it filters). Every failure is a one-line :class:`StoreError`.
 """
 
 from __future__ import annotations
