@@ -62,7 +62,8 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
         _fail(str(exc))
     from flows.dog_filter import dog_filter, pending_work
 
-    if temporary_api is not None and not (request.force or request.overwrite) and not pending_work(spec)[0]:
+    pending = pending_work(spec)[0] if temporary_api is not None else None
+    if pending is not None and not (request.force or request.overwrite) and not pending:
         # Every selected position is complete and unchanged, and no Prefect server keeps a record of this
         # run: say so without starting Prefect (a run against a configured API still runs the flow).
         temporary_api.stop()
@@ -72,6 +73,8 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
     with spec.profile.session(), prefect_api(temporary_api) as temporary:
         # with a temporary API, the local cluster's workers start while the server boots (its URL is exported);
         # the cluster closes before the server stops
+        if temporary and pending:
+            spec.profile.for_tasks(len(pending))
         with spec.profile.started() if temporary else contextlib.nullcontext(), handing_over(spec), \
                 _progress_bar(show_progress):
             if temporary:

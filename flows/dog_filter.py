@@ -165,6 +165,7 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dic
     if not pending:
         reports.announce(skipped, len(spec.positions))
         return []
+    spec.profile.for_tasks(len(pending))
     return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
         spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), spec.profile.threads_per_task(),
         spec.request.retries, spec.request.retry_delay_seconds, spec.request.allow_missing_chunks, skipped,

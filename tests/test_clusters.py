@@ -243,6 +243,20 @@ def test_local_plan_more_cores_and_explicit_values_win():
     assert (two.n_workers, two.threads_per_worker, two.memory_per_task) == (3, 2, 64 * GiB // 3 // 2)
 
 
+def test_local_plan_never_more_workers_than_positions():
+    """One pending position gets every core; explicit n_workers still wins."""
+    one = clusters.plan_local(16, 64 * GiB, 1 * GiB, tasks=1)
+    assert (one.n_workers, one.threads_per_task) == (1, 16)
+    three = clusters.plan_local(16, 64 * GiB, 1 * GiB, tasks=3)
+    assert (three.n_workers, three.threads_per_task) == (3, 5)
+    assert clusters.plan_local(16, 64 * GiB, 1 * GiB, tasks=1, n_workers=4).n_workers == 4
+    prof = clusters.load_profile("local")
+    prof.preflight(2**20)
+    prof.for_tasks(1)
+    assert prof.runner_arguments()["cluster_kwargs"]["n_workers"] == 1
+    assert prof.threads_per_task() == len(__import__("os").sched_getaffinity(0))
+
+
 def test_local_plan_refuses_what_cannot_fit():
     with pytest.raises(ProfileError, match=r"one position needs about 14.5 GiB.* only 12.0 GiB usable") as e:
         clusters.plan_local(2, 12 * GiB, SEED_NEED)

@@ -223,6 +223,9 @@ class ClusterProfile:
         """The context a run executes in on this host (runner mode: the allocation's ranks). Default: none."""
         return contextlib.nullcontext()
 
+    def for_tasks(self, n: int) -> None:
+        """The run has ``n`` positions to filter (a kind that sizes itself may use fewer workers). Default: ignored."""
+
     def started(self):
         """A context in which the cluster may already be starting while the caller does other work (the CLI,
         while its temporary Prefect API boots); :meth:`build_task_runner` then joins it. Default: nothing

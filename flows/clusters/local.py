@@ -56,8 +56,9 @@ class LocalPlan:
 
 def plan_local(cores: int, usable: int, need: int, *, terminate: float = 0.95, n_workers: int | None = None,
                threads_per_worker: int | None = None, memory_limit: int | None = None,
-               threads_per_task: int | None = None, name: str = "local") -> LocalPlan:
-    """Workers, task slots, memory limit and FFT threads for ``need`` bytes per position (pure)."""
+               threads_per_task: int | None = None, name: str = "local", tasks: int | None = None) -> LocalPlan:
+    """Workers, task slots, memory limit and FFT threads for ``need`` bytes per position (pure); ``tasks``:
+    how many positions the run has (no more workers than that, so one position gets every core)."""
     slots = threads_per_worker or 1
     per_worker_min = math.ceil(need / terminate) * slots  # the memory_limit one worker needs
     if n_workers is None:
@@ -65,6 +66,8 @@ def plan_local(cores: int, usable: int, need: int, *, terminate: float = 0.95, n
         if memory_limit:
             fit = min(fit, usable // memory_limit) if usable >= memory_limit else 0
         n_workers = min(max(1, cores // slots), fit)
+        if tasks and n_workers >= 1:
+            n_workers = min(n_workers, -(-tasks // slots))
         if n_workers < 1:
             raise ProfileError(
                 f"{name}: one position needs about {gib(need)}, and a worker's memory_limit must be at least "
@@ -102,6 +105,7 @@ class LocalProfile(ClusterProfile):
 
     def setup(self) -> None:
         self._plan: LocalPlan | None = None
+        self._tasks: int | None = None
         mem = self.kwargs.get("memory_limit")
         self._memory_limit = None if mem in (None, "auto") else parse_bytes(mem)
 
@@ -121,8 +125,14 @@ class LocalProfile(ClusterProfile):
         workers = self.max_workers if self.adaptive else self.n_workers
         self._plan = plan_local(cores, usable, need, terminate=self._terminate(), n_workers=workers,
                                 threads_per_worker=self.kwargs.get("threads_per_worker"),
-                                memory_limit=self._memory_limit, threads_per_task=self.fixed_threads, name=self.name)
+                                memory_limit=self._memory_limit, threads_per_task=self.fixed_threads, name=self.name,
+                                tasks=self._tasks)
         return self._plan
+
+    def for_tasks(self, n: int) -> None:
+        """The run has ``n`` positions to filter: no more workers than that (their cores go to fewer tasks)."""
+        self._tasks = max(1, int(n))
+        self._plan = None
 
     def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
         self._plan = None
