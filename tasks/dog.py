@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
 import os
 import queue
 import threading
@@ -87,6 +88,7 @@ _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, F
 _TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
 _SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
+_POPULATE_MIN = 64 * _MiB  # arrays at least this large are mapped pre-populated (see _empty)
 _MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when the input allows it
 
 
@@ -190,9 +192,21 @@ def _sigmas(sigma, ndim, name="sigma"):
     return tuple(float(x) for x in np.broadcast_to(s, (ndim,)))
 
 
+def _empty(shape, dtype):
+    """np.empty, but large arrays are mapped with MAP_POPULATE: the kernel provides all pages in
+    one call instead of one fault per page at first touch (measured 3-5x less CPU per GB here,
+    and page faults of one process's threads serialise)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes < _POPULATE_MIN or flags is None:
+        return np.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    return np.frombuffer(m, dtype=dtype).reshape(shape)
+
+
 def _prepare_out(out, shape, wd, volume):
     if out is None:
-        return np.empty(shape, dtype=wd)
+        return _empty(shape, wd)
     if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != np.dtype(wd):
         raise ValueError(f"out must be a {wd} ndarray of shape {tuple(shape)}")
     if np.shares_memory(out, volume):
@@ -844,7 +858,7 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     n = v3.shape[first]
     bshape = list(v3.shape)
     bshape[first] = math.ceil(n / k)
-    buf = np.empty(bshape, dtype=precision)
+    buf = _empty(tuple(bshape), precision)
     slabs = list(_slabs(pa[first], pb[first], n, k))
     a_once = len(slabs) > 1 and slabs[0][2:] == (0, n)
     with _Runner(threads, _temp_budget(out.nbytes)) as run:

@@ -322,3 +322,12 @@ def test_measured_peak_below_bound(dtype):
         tracemalloc.stop()
     bound = dog.peak_memory_bytes(shape, dtype)
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
+
+
+def test_large_result_is_a_writable_populated_mapping(monkeypatch):
+    monkeypatch.setattr(dog, "_POPULATE_MIN", 1)
+    v = make_volume((6, 30, 40), "uint16", 5)
+    got = dog.difference_of_gaussians(v, 1.5, 6.0, threads=2)
+    assert got.flags.writeable and got.dtype == np.float32 and got.shape == v.shape
+    assert np.max(np.abs(got - ref_dog(v, 1.5, 6.0))) <= tol32(v)
+    got[0, 0, 0] = 1.0
