@@ -468,66 +468,71 @@ def _pack(s, h, dtype):
 
 
 def _block_fft(job, blk, scratch, axis):
-    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines.
-
-    'nearest': the value of a true line end (``c``) is subtracted first, which makes that
-    end's extension zero; it is added back to the outputs, and the other end (if it is a
-    true end too) gets ``(v[n-1] - c) * L[n-1-i]``.
-    """
-    plan0 = job.outs[0][3][0][1]
-    cd = np.result_type(plan0.wdtype, np.complex64)
-    M, m, lo, n = job.M, job.m, job.lo, job.n
-    spec, flat, shift, right = [], [], [], []
-    for i, src in enumerate(job.srcs):
-        s = src[blk]
-        h = (s.shape[1] + 1) // 2
-        z, zf = scratch.get(("src", i), (s.shape[0], h, M), cd, axis, pairs=True)
-        c = e = None
-        if plan0.mode == "nearest" and lo == 0:
-            c = _pack(s[..., :1], h, cd)
-            if m == n:
-                e = _pack(s[..., m - 1:], h, cd) - c
-        elif plan0.mode == "nearest" and lo + m == n:
-            c = _pack(s[..., m - 1:], h, cd)
-        if c is None:
-            np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
-            np.copyto(z.imag[:, :s.shape[1] - h, :m], s[:, h:], casting="unsafe")
-        else:
-            np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
-            np.subtract(s[:, h:], c.imag[:, :s.shape[1] - h], out=z.imag[:, :s.shape[1] - h, :m],
-                        casting="unsafe")
-        if s.shape[1] - h < h:
-            z.imag[:, -1, :m] = 0
-        z[..., m:] = 0
-        shift.append(c)
-        right.append(e)
-        spec.append(sfft.fft(z, axis=-1, overwrite_x=True, workers=1))
-        flat.append(zf)
+    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines."""
+    loaded = [_load_packed(job, src[blk], i, scratch, axis) for i, src in enumerate(job.srcs)]
+    spec = [sfft.fft(z, axis=-1, overwrite_x=True, workers=1) for z, _, _, _ in loaded]
+    flat = [zf for _, zf, _, _ in loaded]
     for o, (dst, a, b, terms, op) in enumerate(job.outs):
-        y = _mix(job, o, spec, flat, scratch, axis)
-        y = sfft.ifft(y, axis=-1, overwrite_x=True, workers=1)
-        c = None
+        y = sfft.ifft(_mix(job, o, spec, flat, scratch, axis), axis=-1, overwrite_x=True, workers=1)
+        shift = None
         for i, p, sign in terms:
-            if right[i] is not None and b > n - p.r:
-                _right_edge(y, right[i], p, sign, a, b, lo, n, scratch, axis)
-            if shift[i] is not None:
-                c = sign * shift[i] if c is None else c + sign * shift[i]
-        d = dst[blk]
-        h = y.shape[1]
-        yr, yi = y.real[..., a - lo:b - lo], y.imag[:, :d.shape[1] - h, a - lo:b - lo]
-        if c is not None and op == "set":      # add the shifted edge value back while unpacking
-            np.add(yr, c.real, out=d[:, :h], casting="unsafe")
-            np.add(yi, c.imag[:, :d.shape[1] - h], out=d[:, h:], casting="unsafe")
-            continue
-        if c is not None:
-            np.add(yr, c.real, out=yr)
-            np.add(yi, c.imag[:, :d.shape[1] - h], out=yi)
-        _combine(d[:, :h], yr, op)
-        _combine(d[:, h:], yi, op)
+            _, _, c, e = loaded[i]
+            if e is not None and b > job.n - p.r:
+                _right_edge(y, e, p, sign, a, b, job.lo, job.n, scratch, axis)
+            if c is not None:
+                shift = sign * c if shift is None else shift + sign * c
+        _store_packed(y[..., a - job.lo:b - job.lo], dst[blk], shift, op)
+
+
+def _load_packed(job, s, i, scratch, axis):
+    """Copy lines s (P, Q, m) into source buffer i as (P, ceil(Q/2), M) complex lines, zero-padded.
+
+    'nearest': the value ``c`` of a true line end is subtracted first, which makes that end's
+    extension zero (it is added back when storing); if both ends are true, the other end's
+    extension is ``e = v[n-1] - v[0]``.  Returns (buffer, its float view, c, e).
+    """
+    plan = job.outs[0][3][0][1]
+    M, m, lo, n = job.M, job.m, job.lo, job.n
+    h, rest = (s.shape[1] + 1) // 2, s.shape[1] // 2
+    z, zf = scratch.get(("src", i), (s.shape[0], h, M), np.result_type(plan.wdtype, np.complex64),
+                        axis, pairs=True)
+    c = e = None
+    if plan.mode == "nearest" and lo == 0:
+        c = _pack(s[..., :1], h, z.dtype)
+        if m == n:
+            e = _pack(s[..., m - 1:], h, z.dtype) - c
+    elif plan.mode == "nearest" and lo + m == n:
+        c = _pack(s[..., m - 1:], h, z.dtype)
+    if c is None:
+        np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
+        np.copyto(z.imag[:, :rest, :m], s[:, h:], casting="unsafe")
+    else:
+        np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
+        np.subtract(s[:, h:], c.imag[:, :rest], out=z.imag[:, :rest, :m], casting="unsafe")
+    if rest < h:
+        z.imag[:, -1, :m] = 0
+    z[..., m:] = 0
+    return z, zf, c, e
+
+
+def _store_packed(y, d, shift, op):
+    """d (P, Q, b - a) op= the packed outputs y (real part: first half of Q) + shift."""
+    h, rest = y.shape[1], d.shape[1] - y.shape[1]
+    yr, yi = y.real, y.imag[:, :rest]
+    if shift is not None and op == "set":      # add the shifted edge value back while unpacking
+        np.add(yr, shift.real, out=d[:, :h], casting="unsafe")
+        np.add(yi, shift.imag[:, :rest], out=d[:, h:], casting="unsafe")
+        return
+    if shift is not None:
+        np.add(yr, shift.real, out=yr)
+        np.add(yi, shift.imag[:, :rest], out=yi)
+    _combine(d[:, :h], yr, op)
+    _combine(d[:, h:], yi, op)
 
 
 def _right_edge(y, e, p, sign, a, b, lo, n, scratch, axis):
-    """y[i] += sign * e * L[n-1-i] for outputs i in [max(a, n-r), b) (packed lines y)."""
+    """y[i] += sign * e * R[i] for outputs i in [max(a, n-r), b) (packed lines y; R: kernel mass
+    right of the line)."""
     s = max(a, n - p.r)
     R = _right_mass(p.sigma, p.truncate, p.n, p.wdtype)[s:b]
     t = scratch.get("edge", y[..., s - lo:b - lo].shape, y.dtype, axis)
