@@ -88,7 +88,7 @@ _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, F
 _TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
 _SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
-_POPULATE_MIN = 64 * _MiB  # arrays at least this large are mapped pre-populated (see _empty)
+_POPULATE_MIN = 4 * _MiB   # arrays at least this large are mapped pre-populated (see _empty)
 _MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when the input allows it
 
 
