@@ -83,9 +83,9 @@ _FORCE_METHOD = None  # testing hook: "transform" or "direct" for every pass wit
 
 _MiB = 1 << 20
 _TEMP_MIN = 16 * _MiB
-_TEMP_MAX = 64 * _MiB
+_TEMP_MAX = 256 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
-_TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
+_TASK_MAX = 4 * _MiB   # bytes of one block's transform buffer (a few ms of work per block)
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
 _SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
 _POPULATE_MIN = 4 * _MiB   # arrays at least this large are mapped pre-populated (see _empty)
@@ -133,7 +133,7 @@ def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
 
     ``input + result (W) + one slab buffer + worker buffers + 8 MiB``, where
     the worker buffers of all threads together are capped at
-    ``clip(W / 16, 4 MiB, 64 MiB)`` and the slab at what keeps the total at
+    ``clip(W / 16, 16 MiB, 256 MiB)`` and the slab at what keeps the total at
     ``max(2.5 W, input + 1.4 W)``.  For float32 precision and uint16 or
     float32 input the bound is at most 2.5x the float32 volume (input
     included) once the volume exceeds ~40 MiB.  Holds for
@@ -371,10 +371,18 @@ class _Scratch:
 
     def __init__(self):
         self.bufs = {}
+        self.views = {}
 
     def get(self, role, shape, dtype, axis, pairs=False):
         """A (P, Q, M)-shaped view of a buffer whose memory order matches the source's
-        (and with ``pairs``, the same memory as (P, Q, M, 2) floats)."""
+        (and with ``pairs``, also the same memory as real floats, see :func:`_mix`)."""
+        key = (role, tuple(shape), np.dtype(dtype).str, axis, pairs)
+        views = self.views.get(key)
+        if views is None:
+            views = self.views[key] = self._make(role, shape, dtype, axis, pairs)
+        return views
+
+    def _make(self, role, shape, dtype, axis, pairs):
         key = (role, np.dtype(dtype).str)
         mem = list(shape[:-1])
         mem.insert(axis, shape[-1])
@@ -382,6 +390,7 @@ class _Scratch:
         buf = self.bufs.get(key)
         if buf is None or buf.shape[0] < size:
             buf = self.bufs[key] = np.empty(size, dtype=dtype)
+            self.views = {k: v for k, v in self.views.items() if (k[0], k[2]) != key}
         arr = buf[:size].reshape(mem)
         view = np.moveaxis(arr, axis, -1)
         if not pairs:
