@@ -87,7 +87,7 @@ _TEMP_MAX = 256 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
 _TASK_MAX = 4 * _MiB   # bytes of one block's transform buffer (a few ms of work per block)
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
-_SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
+_SLAB_MIN = 512 * _MiB  # a slab buffer this large is always allowed (volumes up to 512 MiB: one slab)
 _POPULATE_MIN = 4 * _MiB   # arrays at least this large are mapped pre-populated (see _empty)
 _MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when the input allows it
 
@@ -135,7 +135,7 @@ def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
     the worker buffers of all threads together are capped at
     ``clip(W / 16, 16 MiB, 256 MiB)`` and the slab buffer at what keeps the
     total at ``max(2.5 W, input + 1.4 W)`` (rounded up to whole planes),
-    but never below ``min(W, 64 MiB)`` (small volumes run in one slab).
+    but never below ``min(W, 512 MiB)`` (smaller volumes run in one slab).
     For the full seed position (413, 2048, 2048) uint16 this is 2.04x the
     float32 volume.  Holds for :func:`difference_of_gaussians` and
     :func:`gaussian` (which needs no slab), whatever the sigmas, mode and
