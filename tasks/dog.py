@@ -269,7 +269,7 @@ def _fft_len(r, n, m, a, b, mode):
         return n, r
     X = max(b, m - a)
     D = min(r, X - 1)
-    return sfft.next_fast_len(D + X, real=False), D
+    return sfft.next_fast_len(max(D + X, m), real=False), D   # the window must fit too
 
 
 class _Plan:
