@@ -19,13 +19,15 @@ per sigma by a cost model, :class:`_Plan`):
   multiplied by the real transfer function ``H = FFT(h)`` of scipy's kernel
   placed circularly (``h`` is symmetric, so ``H`` is real and the real and
   imaginary lines never mix), and transformed back in place.  For
-  ``nearest``/``constant``, ``M >= D + X`` with ``X = max(b, m - a)`` for
+  ``nearest``/``constant``, ``M >= max(D + X, m)`` with ``X = max(b, m - a)`` for
   outputs ``[a, b)`` of a window of ``m`` samples, and the kernel is cut
   to ``|j| <= D = min(r, X - 1)`` (taps farther than the line only ever
   read the boundary extension): no circular alias can reach a kept output.
-  ``constant`` (cval 0) is then exact as is; ``nearest`` adds
-  ``v[0] * L[i] + v[n-1] * L[n-1-i]`` with ``L[i]`` the mass of the whole
-  kernel left of the line (taps ``j < -i``).  ``wrap`` uses ``M = n`` and
+  ``constant`` (cval 0) is then exact as is; for ``nearest`` the value
+  ``c`` of a true line end is subtracted before the transform (that end's
+  extension becomes zero) and added back after it, and when both ends are
+  true the outputs get ``(v[n-1] - v[0]) * R[i]`` with ``R[i]`` the mass
+  of the whole kernel right of the line (taps ``j > n-1-i``).  ``wrap`` uses ``M = n`` and
   the kernel folded modulo ``n`` (a circulant operator, exact for any r).
 * ``"dct"`` (modes ``reflect`` and ``mirror``): scipy's ``reflect``
   (``d c b a | a b c d``) is the 2n-periodic half-sample-symmetric
