@@ -19,13 +19,15 @@ per sigma by a cost model, :class:`_Plan`):
   multiplied by the real transfer function ``H = FFT(h)`` of scipy's kernel
   placed circularly (``h`` is symmetric, so ``H`` is real and the real and
   imaginary lines never mix), and transformed back in place.  For
-  ``nearest``/``constant``, ``M >= D + X`` with ``X = max(b, m - a)`` for
+  ``nearest``/``constant``, ``M >= max(D + X, m)`` with ``X = max(b, m - a)`` for
   outputs ``[a, b)`` of a window of ``m`` samples, and the kernel is cut
   to ``|j| <= D = min(r, X - 1)`` (taps farther than the line only ever
   read the boundary extension): no circular alias can reach a kept output.
-  ``constant`` (cval 0) is then exact as is; ``nearest`` adds
-  ``v[0] * L[i] + v[n-1] * L[n-1-i]`` with ``L[i]`` the mass of the whole
-  kernel left of the line (taps ``j < -i``).  ``wrap`` uses ``M = n`` and
+  ``constant`` (cval 0) is then exact as is; for ``nearest`` the value
+  ``c`` of a true line end is subtracted before the transform (that end's
+  extension becomes zero) and added back after it, and when both ends are
+  true the outputs get ``(v[n-1] - v[0]) * R[i]`` with ``R[i]`` the mass
+  of the whole kernel right of the line (taps ``j > n-1-i``).  ``wrap`` uses ``M = n`` and
   the kernel folded modulo ``n`` (a circulant operator, exact for any r).
 * ``"dct"`` (modes ``reflect`` and ``mirror``): scipy's ``reflect``
   (``d c b a | a b c d``) is the 2n-periodic half-sample-symmetric
@@ -52,12 +54,13 @@ reused, so the hot loop allocates nothing large (important where
 Threads: ``threads`` worker threads take blocks of lines from a shared
 counter (none for ``threads=1``); every transform runs with
 ``workers=1``.  No BLAS, no process-wide state.  numpy and scipy.fft
-release the GIL, and each block does ~20 numpy calls for ~1 ms of work.
+release the GIL; each block is ~20 numpy calls for a few ms of work.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import mmap
 import os
 import queue
 import threading
@@ -82,11 +85,12 @@ _FORCE_METHOD = None  # testing hook: "transform" or "direct" for every pass wit
 
 _MiB = 1 << 20
 _TEMP_MIN = 16 * _MiB
-_TEMP_MAX = 64 * _MiB
+_TEMP_MAX = 256 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
-_TASK_MAX = 2 * _MiB   # bytes of one block's transform buffer (~1 ms of work per block)
+_TASK_MAX = 4 * _MiB   # bytes of one block's transform buffer (a few ms of work per block)
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
-_SLAB_MIN = 64 * _MiB  # a slab buffer this large is always allowed (small volumes: one slab)
+_SLAB_MIN = 512 * _MiB  # a slab buffer this large is always allowed (volumes up to 512 MiB: one slab)
+_POPULATE_MIN = 4 * _MiB   # arrays at least this large are mapped pre-populated (see _empty)
 _MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when the input allows it
 
 
@@ -131,13 +135,13 @@ def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
 
     ``input + result (W) + one slab buffer + worker buffers + 8 MiB``, where
     the worker buffers of all threads together are capped at
-    ``clip(W / 16, 4 MiB, 64 MiB)`` and the slab at what keeps the total at
-    ``max(2.5 W, input + 1.4 W)``.  For float32 precision and uint16 or
-    float32 input the bound is at most 2.5x the float32 volume (input
-    included) once the volume exceeds ~40 MiB.  Holds for
-    :func:`difference_of_gaussians` and :func:`gaussian` (which needs no
-    slab), whatever the sigmas, mode and threads.  Python/numpy bookkeeping
-    is not included.
+    ``clip(W / 16, 16 MiB, 256 MiB)`` and the slab buffer at what keeps the
+    total at ``max(2.5 W, input + 1.4 W)`` (rounded up to whole planes),
+    but never below ``min(W, 512 MiB)`` (smaller volumes run in one slab).
+    For the full seed position (413, 2048, 2048) uint16 this is 2.04x the
+    float32 volume.  Holds for :func:`difference_of_gaussians` and
+    :func:`gaussian` (which needs no slab), whatever the sigmas, mode and
+    threads.  Python/numpy bookkeeping is not included.
     """
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
@@ -190,9 +194,21 @@ def _sigmas(sigma, ndim, name="sigma"):
     return tuple(float(x) for x in np.broadcast_to(s, (ndim,)))
 
 
+def _empty(shape, dtype):
+    """np.empty, but large arrays are mapped with MAP_POPULATE: the kernel provides all pages in
+    one call instead of one fault per page at first touch (measured 3-5x less CPU per GB here,
+    and page faults of one process's threads serialise)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes < _POPULATE_MIN or flags is None:
+        return np.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    return np.frombuffer(m, dtype=dtype).reshape(shape)
+
+
 def _prepare_out(out, shape, wd, volume):
     if out is None:
-        return np.empty(shape, dtype=wd)
+        return _empty(shape, wd)
     if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != np.dtype(wd):
         raise ValueError(f"out must be a {wd} ndarray of shape {tuple(shape)}")
     if np.shares_memory(out, volume):
@@ -255,7 +271,7 @@ def _fft_len(r, n, m, a, b, mode):
         return n, r
     X = max(b, m - a)
     D = min(r, X - 1)
-    return sfft.next_fast_len(D + X, real=False), D
+    return sfft.next_fast_len(max(D + X, m), real=False), D   # the window must fit too
 
 
 class _Plan:
@@ -357,10 +373,18 @@ class _Scratch:
 
     def __init__(self):
         self.bufs = {}
+        self.views = {}
 
     def get(self, role, shape, dtype, axis, pairs=False):
         """A (P, Q, M)-shaped view of a buffer whose memory order matches the source's
-        (and with ``pairs``, the same memory as (P, Q, M, 2) floats)."""
+        (and with ``pairs``, also the same memory as real floats, see :func:`_mix`)."""
+        key = (role, tuple(shape), np.dtype(dtype).str, axis, pairs)
+        views = self.views.get(key)
+        if views is None:
+            views = self.views[key] = self._make(role, shape, dtype, axis, pairs)
+        return views
+
+    def _make(self, role, shape, dtype, axis, pairs):
         key = (role, np.dtype(dtype).str)
         mem = list(shape[:-1])
         mem.insert(axis, shape[-1])
@@ -368,6 +392,7 @@ class _Scratch:
         buf = self.bufs.get(key)
         if buf is None or buf.shape[0] < size:
             buf = self.bufs[key] = np.empty(size, dtype=dtype)
+            self.views = {k: v for k, v in self.views.items() if (k[0], k[2]) != key}
         arr = buf[:size].reshape(mem)
         view = np.moveaxis(arr, axis, -1)
         if not pairs:
@@ -454,66 +479,71 @@ def _pack(s, h, dtype):
 
 
 def _block_fft(job, blk, scratch, axis):
-    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines.
-
-    'nearest': the value of a true line end (``c``) is subtracted first, which makes that
-    end's extension zero; it is added back to the outputs, and the other end (if it is a
-    true end too) gets ``(v[n-1] - c) * L[n-1-i]``.
-    """
-    plan0 = job.outs[0][3][0][1]
-    cd = np.result_type(plan0.wdtype, np.complex64)
-    M, m, lo, n = job.M, job.m, job.lo, job.n
-    spec, flat, shift, right = [], [], [], []
-    for i, src in enumerate(job.srcs):
-        s = src[blk]
-        h = (s.shape[1] + 1) // 2
-        z, zf = scratch.get(("src", i), (s.shape[0], h, M), cd, axis, pairs=True)
-        c = e = None
-        if plan0.mode == "nearest" and lo == 0:
-            c = _pack(s[..., :1], h, cd)
-            if m == n:
-                e = _pack(s[..., m - 1:], h, cd) - c
-        elif plan0.mode == "nearest" and lo + m == n:
-            c = _pack(s[..., m - 1:], h, cd)
-        if c is None:
-            np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
-            np.copyto(z.imag[:, :s.shape[1] - h, :m], s[:, h:], casting="unsafe")
-        else:
-            np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
-            np.subtract(s[:, h:], c.imag[:, :s.shape[1] - h], out=z.imag[:, :s.shape[1] - h, :m],
-                        casting="unsafe")
-        if s.shape[1] - h < h:
-            z.imag[:, -1, :m] = 0
-        z[..., m:] = 0
-        shift.append(c)
-        right.append(e)
-        spec.append(sfft.fft(z, axis=-1, overwrite_x=True, workers=1))
-        flat.append(zf)
+    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines."""
+    loaded = [_load_packed(job, src[blk], i, scratch, axis) for i, src in enumerate(job.srcs)]
+    spec = [sfft.fft(z, axis=-1, overwrite_x=True, workers=1) for z, _, _, _ in loaded]
+    flat = [zf for _, zf, _, _ in loaded]
     for o, (dst, a, b, terms, op) in enumerate(job.outs):
-        y = _mix(job, o, spec, flat, scratch, axis)
-        y = sfft.ifft(y, axis=-1, overwrite_x=True, workers=1)
-        c = None
+        y = sfft.ifft(_mix(job, o, spec, flat, scratch, axis), axis=-1, overwrite_x=True, workers=1)
+        shift = None
         for i, p, sign in terms:
-            if right[i] is not None and b > n - p.r:
-                _right_edge(y, right[i], p, sign, a, b, lo, n, scratch, axis)
-            if shift[i] is not None:
-                c = sign * shift[i] if c is None else c + sign * shift[i]
-        d = dst[blk]
-        h = y.shape[1]
-        yr, yi = y.real[..., a - lo:b - lo], y.imag[:, :d.shape[1] - h, a - lo:b - lo]
-        if c is not None and op == "set":      # add the shifted edge value back while unpacking
-            np.add(yr, c.real, out=d[:, :h], casting="unsafe")
-            np.add(yi, c.imag[:, :d.shape[1] - h], out=d[:, h:], casting="unsafe")
-            continue
-        if c is not None:
-            np.add(yr, c.real, out=yr)
-            np.add(yi, c.imag[:, :d.shape[1] - h], out=yi)
-        _combine(d[:, :h], yr, op)
-        _combine(d[:, h:], yi, op)
+            _, _, c, e = loaded[i]
+            if e is not None and b > job.n - p.r:
+                _right_edge(y, e, p, sign, a, b, job.lo, job.n, scratch, axis)
+            if c is not None:
+                shift = sign * c if shift is None else shift + sign * c
+        _store_packed(y[..., a - job.lo:b - job.lo], dst[blk], shift, op)
+
+
+def _load_packed(job, s, i, scratch, axis):
+    """Copy lines s (P, Q, m) into source buffer i as (P, ceil(Q/2), M) complex lines, zero-padded.
+
+    'nearest': the value ``c`` of a true line end is subtracted first, which makes that end's
+    extension zero (it is added back when storing); if both ends are true, the other end's
+    extension is ``e = v[n-1] - v[0]``.  Returns (buffer, its float view, c, e).
+    """
+    plan = job.outs[0][3][0][1]
+    M, m, lo, n = job.M, job.m, job.lo, job.n
+    h, rest = (s.shape[1] + 1) // 2, s.shape[1] // 2
+    z, zf = scratch.get(("src", i), (s.shape[0], h, M), np.result_type(plan.wdtype, np.complex64),
+                        axis, pairs=True)
+    c = e = None
+    if plan.mode == "nearest" and lo == 0:
+        c = _pack(s[..., :1], h, z.dtype)
+        if m == n:
+            e = _pack(s[..., m - 1:], h, z.dtype) - c
+    elif plan.mode == "nearest" and lo + m == n:
+        c = _pack(s[..., m - 1:], h, z.dtype)
+    if c is None:
+        np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
+        np.copyto(z.imag[:, :rest, :m], s[:, h:], casting="unsafe")
+    else:
+        np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
+        np.subtract(s[:, h:], c.imag[:, :rest], out=z.imag[:, :rest, :m], casting="unsafe")
+    if rest < h:
+        z.imag[:, -1, :m] = 0
+    z[..., m:] = 0
+    return z, zf, c, e
+
+
+def _store_packed(y, d, shift, op):
+    """d (P, Q, b - a) op= the packed outputs y (real part: first half of Q) + shift."""
+    h, rest = y.shape[1], d.shape[1] - y.shape[1]
+    yr, yi = y.real, y.imag[:, :rest]
+    if shift is not None and op == "set":      # add the shifted edge value back while unpacking
+        np.add(yr, shift.real, out=d[:, :h], casting="unsafe")
+        np.add(yi, shift.imag[:, :rest], out=d[:, h:], casting="unsafe")
+        return
+    if shift is not None:
+        np.add(yr, shift.real, out=yr)
+        np.add(yi, shift.imag[:, :rest], out=yi)
+    _combine(d[:, :h], yr, op)
+    _combine(d[:, h:], yi, op)
 
 
 def _right_edge(y, e, p, sign, a, b, lo, n, scratch, axis):
-    """y[i] += sign * e * L[n-1-i] for outputs i in [max(a, n-r), b) (packed lines y)."""
+    """y[i] += sign * e * R[i] for outputs i in [max(a, n-r), b) (packed lines y; R: kernel mass
+    right of the line)."""
     s = max(a, n - p.r)
     R = _right_mass(p.sigma, p.truncate, p.n, p.wdtype)[s:b]
     t = scratch.get("edge", y[..., s - lo:b - lo].shape, y.dtype, axis)
@@ -844,7 +874,7 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     n = v3.shape[first]
     bshape = list(v3.shape)
     bshape[first] = math.ceil(n / k)
-    buf = np.empty(bshape, dtype=precision)
+    buf = _empty(tuple(bshape), precision)
     slabs = list(_slabs(pa[first], pb[first], n, k))
     a_once = len(slabs) > 1 and slabs[0][2:] == (0, n)
     with _Runner(threads, _temp_budget(out.nbytes)) as run:

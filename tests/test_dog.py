@@ -322,3 +322,22 @@ def test_measured_peak_below_bound(dtype):
         tracemalloc.stop()
     bound = dog.peak_memory_bytes(shape, dtype)
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
+
+
+def test_large_result_is_a_writable_populated_mapping(monkeypatch):
+    monkeypatch.setattr(dog, "_POPULATE_MIN", 1)
+    v = make_volume((6, 30, 40), "uint16", 5)
+    got = dog.difference_of_gaussians(v, 1.5, 6.0, threads=2)
+    assert got.flags.writeable and got.dtype == np.float32 and got.shape == v.shape
+    assert np.max(np.abs(got - ref_dog(v, 1.5, 6.0))) <= tol32(v)
+    got[0, 0, 0] = 1.0
+
+
+@pytest.mark.parametrize("mode", ["nearest", "constant"])
+def test_slab_window_wider_than_one_sigma(mode):
+    """Slabbed first axis where the blur filtered alone has a smaller radius than its window."""
+    v = make_volume((32, 6, 36), "uint16", 8)
+    s1, s2 = (13.8, 2.49, 8.61), 0.205
+    with patched(_slab_fraction=lambda i, w: 0.2, _FORCE_METHOD="transform"):
+        got = dog.difference_of_gaussians(v, s1, s2, truncate=2.5, mode=mode, threads=3)
+    assert np.max(np.abs(got - ref_dog(v, s1, s2, mode, 2.5))) <= tol32(v)
