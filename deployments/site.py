@@ -121,6 +121,17 @@ def _validate(params: dict[str, Any], dataset: dict[str, str]) -> None:
         raise SiteError("the flow's parameter types refuse a site value: " + " ".join(str(exc).split())) from None
     finally:
         flow_log.setLevel(level)
+    # a string passes the type check of σ and voxel size: parse them as the flow will
+    from flows.units import UnitError, parse_lengths, parse_voxel_size
+
+    checks = {name: parse_lengths for name in ("sigma_small", "sigma_large") if name in params}
+    if params.get("voxel_size") not in (None, ""):
+        checks["voxel_size"] = parse_voxel_size
+    for name, parse in checks.items():
+        try:
+            parse(params[name], name)
+        except UnitError as exc:
+            raise SiteError(f"the flow refuses the site value of {name} ({params[name]!r}): {exc}") from None
 
 
 def _check_timezone(env: Mapping[str, str]) -> None:

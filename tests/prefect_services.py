@@ -353,7 +353,7 @@ def processed_count(markdown: str) -> int:
 
 def completed_positions(markdown: str) -> list[int]:
     """Positions listed as completed in the summary table."""
-    return sorted(int(m.group(1)) for m in re.finditer(r"^\| (\d+) \| completed \|", markdown, flags=re.M))
+    return sorted(int(m.group(1)) for m in re.finditer(r"^\| (\d+) \| [\d, ]* \| completed \|", markdown, flags=re.M))
 
 
 def flow_run_logs(server: PrefectServer, flow_run_id: str) -> str:

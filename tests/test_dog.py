@@ -321,6 +321,7 @@ def test_measured_peak_below_bound(dtype):
     finally:
         tracemalloc.stop()
     bound = dog.peak_memory_bytes(shape, dtype)
+    assert out.shape == shape and out.dtype == np.float32
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
 
 

@@ -295,7 +295,9 @@ def test_runner_mode_sbatch_with_tls(small, tmp_path):
     text = log.read_text()
     assert proc.returncode == 0, f"sbatch --wait exit {proc.returncode}\n{stderr}\n{text[-4000:]}"
     assert "4 position(s) filtered" in text, text[-4000:]
-    assert "Connecting to an existing Dask cluster" in text
+    # the flow joined the allocation's scheduler: Prefect's INFO line is in the run's log file (quiet terminal)
+    [run_log] = [p.read_text() for p in tmp_path.glob(f"*-{job}.log") if p != log]
+    assert "Connecting to an existing Dask cluster" in run_log and "tls://" in run_log, run_log[-3000:]
     job_out = (tmp_path / f"runner-{job}.out").read_text()
     assert f"dogflow runner job {job}: 4 ranks" in job_out and f"TLS certificate in {cert_dir}" in job_out, job_out
     _assert_output_exact(small, out)
