@@ -72,20 +72,26 @@ def _params(inp: str) -> dict:
     return RunRequest(inp, "/nonexistent-output").validate().params.as_dict()
 
 
-def plain(kind: str, inp: Path, threads: int, env: dict | None = None) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="dogflow-bench-plain-")) / "out.zarr"
+def plain(kind: str, inp: Path, threads: int, env: dict | None = None, side_by_side: int = 1) -> dict:
+    """The child's best-of-2 seconds in fresh processes; with ``side_by_side`` > 1, that many run at the
+    same time (as the flow's workers do) and the mean of their figures is returned."""
+    outs = [Path(tempfile.mkdtemp(prefix="dogflow-bench-plain-")) / "out.zarr" for _ in range(side_by_side)]
     try:
-        if kind == "plain":
-            from flows.request import RunRequest
-            from tasks import store
+        procs = []
+        for out in outs:
+            if kind == "plain":
+                from flows.request import RunRequest
+                from tasks import store
 
-            spec = RunRequest(str(inp), str(out)).validate()
-            store.prepare_output(out, spec.output, channels=spec.channels)
-        cmd = [sys.executable, __file__, "--child", kind, str(inp), str(threads), str(out)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=True)
-        return json.loads(res.stdout.strip().splitlines()[-1])
+                spec = RunRequest(str(inp), str(out)).validate()
+                store.prepare_output(out, spec.output, channels=spec.channels)
+            cmd = [sys.executable, __file__, "--child", kind, str(inp), str(threads), str(out)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}))
+        rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
+        for out in outs:
+            shutil.rmtree(out.parent, ignore_errors=True)
 
 
 class CpuWatch(threading.Thread):
@@ -142,6 +148,8 @@ def flow_run(inp: Path, out: Path, positions: str, cluster: str) -> dict:
     markers = [store.read_marker(out, p, c) for p, c in store.marked(out)]
     fresh = [m for m in markers if m["finished"] >= t]
     row = {"wall": wall, "tasks": len(fresh), "stdout": stdout.strip(), "stderr_lines": len(stderr.splitlines())}
+    if stderr.strip():
+        print(f"  stderr of `dogflow run --positions {positions}`:\n    " + "\n    ".join(stderr.splitlines()[:12]))
     if fresh:
         row["task_seconds"] = [m["seconds"] for m in fresh]
         row["task_breakdown"] = {k: max(m.get(k, 0.0) for m in fresh) for k in fresh[0] if k.endswith("_seconds")}
@@ -179,6 +187,8 @@ def main() -> None:
         engine = plain("engine", inp, threads)["seconds"]
         pl = plain("plain", inp, threads)
         pl_nanny = plain("plain", inp, threads, NANNY_ENV)
+        workers = spec.profile.runner_arguments()["cluster_kwargs"].get("n_workers") or 1
+        pl_side = plain("plain", inp, threads, side_by_side=workers) if workers > 1 else pl
         print(f"engine alone {engine:.2f} s; plain process_position {pl['seconds']:.2f} s "
               f"({pl_nanny['seconds']:.2f} s with the nanny's environment)", flush=True)
         two = flow_run(inp, work / "out2.zarr", "0-1", args.cluster)
@@ -193,7 +203,11 @@ def main() -> None:
             ("engine alone, per position", f"{engine:.2f} s ({threads} thread(s))"),
             ("process_position, plain process", f"{pl['seconds']:.2f} s"),
             ("process_position, plain process, nanny environment", f"{pl_nanny['seconds']:.2f} s"),
-            ("task inside the Dask worker (mean of markers)", f"{task_mean:.2f} s = {task_mean / pl['seconds']:.2f}x plain"),
+            (f"process_position, {workers} plain processes side by side (as the workers run)",
+             f"{pl_side['seconds']:.2f} s"),
+            ("task inside the Dask worker (mean of markers)",
+             f"{task_mean:.2f} s = {task_mean / pl['seconds']:.2f}x plain alone, "
+             f"{task_mean / pl_side['seconds']:.2f}x side by side"),
             ("flow, 2 positions (wall)", f"{two['wall']:.1f} s"),
             (f"flow, {args.positions} positions (wall)", f"{many['wall']:.1f} s"),
             ("marginal cost per position", f"{marginal:.2f} s = {marginal / ideal:.2f}x (engine / cores = {ideal:.2f} s)"),
