@@ -7,24 +7,13 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from tasks import dog
+from conftest import reference_dog, reference_gaussian, tolerance
+from flows.sample import random_volume
+from tasks import defaults, dog
 
-SEED_SMALL, SEED_LARGE = 50 / 2.35, 200 / 2.35
-
-
-def ref_gauss(v, sigma, mode, truncate=4.0):
-    return ndi.gaussian_filter(np.asarray(v, dtype=np.float64), sigma, mode=mode, truncate=truncate)
-
-
-def ref_dog(v, s1, s2, mode="nearest", truncate=4.0):
-    return ref_gauss(v, s1, mode, truncate) - ref_gauss(v, s2, mode, truncate)
-
-
-def tol32(v):
-    return 1e-3 + 1e-6 * float(np.max(np.abs(v))) if np.size(v) else 1e-3
+SEED_SMALL, SEED_LARGE = defaults.SEED_SIGMA_SMALL, defaults.SEED_SIGMA_LARGE
 
 
 def tol64(v):
@@ -69,15 +58,6 @@ def cases(draw):
     )
 
 
-def make_volume(shape, dtype, seed):
-    rng = np.random.default_rng(seed)
-    if dtype == "uint16":
-        return rng.integers(0, 65536, size=shape, dtype=np.uint16)
-    if dtype == "int16":
-        return rng.integers(-32768, 32768, size=shape, dtype=np.int16)
-    return (rng.standard_normal(shape) * 100).astype(dtype)
-
-
 def run_patched(c, fn):
     attrs = {"_FORCE_METHOD": c["method"]}
     if c["slab"] is not None:
@@ -90,24 +70,24 @@ def run_patched(c, fn):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_dog_matches_scipy(c):
-    v = make_volume(c["shape"], c["dtype"], c["seed"])
+    v = random_volume(c["shape"], c["dtype"], c["seed"])
     got = run_patched(c, lambda: dog.difference_of_gaussians(
         v, c["s1"], c["s2"], truncate=c["truncate"], mode=c["mode"], precision=c["precision"],
         threads=c["threads"]))
-    want = ref_dog(v, c["s1"], c["s2"], c["mode"], c["truncate"])
+    want = reference_dog(v, c["s1"], c["s2"], c["truncate"], c["mode"])
     assert got.dtype == np.dtype(c["precision"]) and got.shape == v.shape
-    tol = tol32(v) if c["precision"] == "float32" else tol64(v)
+    tol = tolerance(v) if c["precision"] == "float32" else tol64(v)
     assert np.max(np.abs(got - want)) <= tol
 
 
 @settings(max_examples=25, deadline=None)
 @given(cases())
 def test_gaussian_matches_scipy(c):
-    v = make_volume(c["shape"], c["dtype"], c["seed"])
+    v = random_volume(c["shape"], c["dtype"], c["seed"])
     got = run_patched(c, lambda: dog.gaussian(v, c["s1"], truncate=c["truncate"], mode=c["mode"],
                                               precision=c["precision"], threads=c["threads"]))
-    want = ref_gauss(v, c["s1"], c["mode"], c["truncate"])
-    tol = tol32(v) if c["precision"] == "float32" else tol64(v)
+    want = reference_gaussian(v, c["s1"], c["truncate"], c["mode"])
+    tol = tolerance(v) if c["precision"] == "float32" else tol64(v)
     assert np.max(np.abs(got - want)) <= tol
 
 
@@ -115,34 +95,34 @@ def test_gaussian_matches_scipy(c):
 @pytest.mark.parametrize("method", [None, "transform", "direct"])
 def test_seed_sigma_moderate_shape(mode, method):
     """The production sigmas (radii 85 and 340 > every axis here), full uint16 range."""
-    v = make_volume((24, 70, 90), "uint16", 7)
+    v = random_volume((24, 70, 90), "uint16", 7)
     with patched(_FORCE_METHOD=method):
         got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=2)
-    assert np.max(np.abs(got - ref_dog(v, SEED_SMALL, SEED_LARGE, mode))) <= tol32(v)
+    assert np.max(np.abs(got - reference_dog(v, SEED_SMALL, SEED_LARGE, mode=mode))) <= tolerance(v)
 
 
 def test_seed_sigma_larger_than_radius_axes_slabbed():
     """Axes longer than the small radius, with several slabs (halo windows in the interior)."""
-    v = make_volume((20, 200, 230), "uint16", 3)
+    v = random_volume((20, 200, 230), "uint16", 3)
     with patched(_slab_fraction=lambda i, w: 0.3):
         got = dog.difference_of_gaussians(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE), threads=2)
-    want = ref_dog(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE))
-    assert np.max(np.abs(got - want)) <= tol32(v)
+    want = reference_dog(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE))
+    assert np.max(np.abs(got - want)) <= tolerance(v)
 
 
 def test_float64_precision_seed():
-    v = make_volume((16, 60, 50), "float32", 11)
+    v = random_volume((16, 60, 50), "float32", 11)
     got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, precision="float64", threads=2)
-    want = ref_dog(v, SEED_SMALL, SEED_LARGE)
+    want = reference_dog(v, SEED_SMALL, SEED_LARGE)
     assert got.dtype == np.float64
     assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(v))
 
 
 def test_anisotropic_and_order_not_checked():
-    v = make_volume((10, 40, 33), "float64", 5)
+    v = random_volume((10, 40, 33), "float64", 5)
     s1, s2 = (4.0, 1.0, 0.3), (0.5, 9.0, 2.0)
     got = dog.difference_of_gaussians(v, s2, s1)   # "large" first: allowed, plain G(a) - G(b)
-    assert np.max(np.abs(got - ref_dog(v, s2, s1))) <= tol32(v)
+    assert np.max(np.abs(got - reference_dog(v, s2, s1))) <= tolerance(v)
 
 
 def test_other_ndims():
@@ -151,16 +131,16 @@ def test_other_ndims():
         v = rng.standard_normal(shape) * 10
         for mode in ("nearest", "wrap"):
             got = dog.difference_of_gaussians(v, 1.5, 4.0, mode=mode)
-            assert np.max(np.abs(got - ref_dog(v, 1.5, 4.0, mode))) <= tol32(v)
+            assert np.max(np.abs(got - reference_dog(v, 1.5, 4.0, mode=mode))) <= tolerance(v)
 
 
 def test_identity_radius_zero_and_out_buffer():
-    v = make_volume((5, 6, 7), "uint16", 1)
+    v = random_volume((5, 6, 7), "uint16", 1)
     np.testing.assert_array_equal(dog.gaussian(v, 0.1), v.astype(np.float32))
     out = np.full(v.shape, np.nan, dtype=np.float32)
     res = dog.difference_of_gaussians(v, 0.1, 2.0, out=out)
     assert res is out
-    assert np.max(np.abs(out - ref_dog(v, 0.1, 2.0))) <= tol32(v)
+    assert np.max(np.abs(out - reference_dog(v, 0.1, 2.0))) <= tolerance(v)
 
 
 def test_empty_volume():
@@ -170,12 +150,12 @@ def test_empty_volume():
 # ----------------------------------------------------------------------------- threads
 
 def test_threads_equal_results():
-    v = make_volume((30, 80, 90), "uint16", 2)
+    v = random_volume((30, 80, 90), "uint16", 2)
     a = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=1)
     b = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=2)
     c = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=3)
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol32(v) / 10)
-    np.testing.assert_allclose(a, c, rtol=0, atol=tol32(v) / 10)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tolerance(v) / 10)
+    np.testing.assert_allclose(a, c, rtol=0, atol=tolerance(v) / 10)
 
 
 def _tasks():
@@ -217,9 +197,9 @@ def test_never_more_compute_threads_than_asked(monkeypatch, threads, mode, metho
         monkeypatch.setattr(dog.sfft, name, wrap(getattr(dog.sfft, name)))
     monkeypatch.setattr(dog, "_FORCE_METHOD", method)
     py0, os0 = threading.active_count(), _tasks()
-    v = make_volume((12, 40, 44), "uint16", 9)
+    v = random_volume((12, 40, 44), "uint16", 9)
     got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=threads)
-    assert np.max(np.abs(got - ref_dog(v, SEED_SMALL, SEED_LARGE, mode))) <= tol32(v)
+    assert np.max(np.abs(got - reference_dog(v, SEED_SMALL, SEED_LARGE, mode=mode))) <= tolerance(v)
     assert state["max"] <= threads
     assert max(state["py"]) - py0 <= threads - 1           # no helper thread at all for threads=1
     assert max(state["os"]) - os0 <= threads - 1           # no native pools either (BLAS, FFT)
@@ -310,7 +290,7 @@ def test_peak_memory_bytes_bound():
 @pytest.mark.parametrize("dtype", ["uint16", "float32"])
 def test_measured_peak_below_bound(dtype):
     shape = (40, 160, 176)
-    v = make_volume(shape, dtype, 4)
+    v = random_volume(shape, dtype, 4)
     dog.difference_of_gaussians(v[:4, :20, :20], 2, 8, threads=2)   # warm caches outside the trace
     tracemalloc.start()
     try:
@@ -327,18 +307,18 @@ def test_measured_peak_below_bound(dtype):
 
 def test_large_result_is_a_writable_populated_mapping(monkeypatch):
     monkeypatch.setattr(dog, "_POPULATE_MIN", 1)
-    v = make_volume((6, 30, 40), "uint16", 5)
+    v = random_volume((6, 30, 40), "uint16", 5)
     got = dog.difference_of_gaussians(v, 1.5, 6.0, threads=2)
     assert got.flags.writeable and got.dtype == np.float32 and got.shape == v.shape
-    assert np.max(np.abs(got - ref_dog(v, 1.5, 6.0))) <= tol32(v)
+    assert np.max(np.abs(got - reference_dog(v, 1.5, 6.0))) <= tolerance(v)
     got[0, 0, 0] = 1.0
 
 
 @pytest.mark.parametrize("mode", ["nearest", "constant"])
 def test_slab_window_wider_than_one_sigma(mode):
     """Slabbed first axis where the blur filtered alone has a smaller radius than its window."""
-    v = make_volume((32, 6, 36), "uint16", 8)
+    v = random_volume((32, 6, 36), "uint16", 8)
     s1, s2 = (13.8, 2.49, 8.61), 0.205
     with patched(_slab_fraction=lambda i, w: 0.2, _FORCE_METHOD="transform"):
         got = dog.difference_of_gaussians(v, s1, s2, truncate=2.5, mode=mode, threads=3)
-    assert np.max(np.abs(got - ref_dog(v, s1, s2, mode, 2.5))) <= tol32(v)
+    assert np.max(np.abs(got - reference_dog(v, s1, s2, 2.5, mode))) <= tolerance(v)
