@@ -158,3 +158,18 @@ def test_input_growing_along_positions_grows_output(prefect_api, sample, tmp_pat
     assert summary["processed"] == 1 and summary["skipped"] == 3
     assert store.read_provenance(out)["shape"][0] == 4 and store.open_level(out, 3).shape == (2, 12, 40, 36)
     assert_output_exact(out, sample, SS, SL, channel=1)
+
+
+def test_flow_parameters_are_the_run_request():
+    """The flow's parameters (the UI form, `prefect deployment run --params`) and RunRequest are one list:
+    same names, same order, same defaults (from tasks.defaults)."""
+    import dataclasses
+    import inspect
+
+    from flows.dog_filter import dog_filter
+    from flows.request import RunRequest
+
+    flow_params = [(p.name, p.default) for p in inspect.signature(dog_filter.fn).parameters.values()]
+    fields = [(f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(RunRequest)]
+    assert flow_params == fields
