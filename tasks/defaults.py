@@ -17,6 +17,10 @@ Threads
     How many threads the engine may use is decided in one place per situation: the cluster profile
     states the threads of each task (``flows.clusters``); without one, a task on a Dask worker takes
     :func:`threads_per_task` of the process's CPUs (``tasks.dog.default_threads``).
+    The memory plan (``tasks.filters.memory_per_task``) is made before the profile has chosen the
+    threads, so it assumes up to ``PLAN_THREADS`` threads per task: the engine's work buffers grow with
+    threads (``tasks.dog.peak_memory_bytes``), by nothing for a full seed position up to 13 threads and
+    by 128 MiB at 16.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ MODES = dog.MODES
 OUTPUT_DTYPES = ("float32", "uint16")
 OUTPUT_DTYPE = "float32"
 CLUSTER = "local"
+
+PLAN_THREADS = 16
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 10.0

@@ -87,7 +87,8 @@ _MiB = 1 << 20
 _TEMP_MIN = 16 * _MiB
 _TEMP_MAX = 256 * _MiB
 _SLACK = 8 * _MiB      # runtime overhead counted in the bound: thread stacks, FFT plans, allocator slack
-_TASK_MAX = 4 * _MiB   # bytes of one block's transform buffer (a few ms of work per block)
+_TASK_MIN = 1 * _MiB          # bytes of one block's transform buffer: ~1 ms of work, cache friendly ...
+_TASK_PER_THREAD = 256 << 10  # ... but larger with many threads, which share the GIL between numpy calls
 _BUFFERS = 6           # per-thread buffers of task size: two spectra, product, correction, direct, slack
 _SLAB_MIN = 512 * _MiB  # a slab buffer this large is always allowed (volumes up to 512 MiB: one slab)
 _POPULATE_MIN = 4 * _MiB   # arrays at least this large are mapped pre-populated (see _empty)
@@ -112,17 +113,28 @@ def default_threads() -> int:
     return max(1, n)
 
 
-def _temp_budget(work_bytes: int) -> int:
-    """Bytes all worker buffers together may use (independent of threads)."""
-    return int(min(_TEMP_MAX, max(_TEMP_MIN, work_bytes // 16)))
+def _task_bytes(threads: int) -> int:
+    """Bytes of one block's transform buffer: ``max(1 MiB, threads * 256 KiB)``.
+
+    Measured on 16 cores, (413, 512, 512): 1 MiB blocks use less CPU than 4 MiB ones at 1-4 threads
+    (cache), but at 8-16 threads each thread's ~20 numpy calls per block queue for the GIL unless
+    a block holds several ms of work (16 threads: efficiency 0.27 with 1 MiB blocks, 0.64 with 4 MiB).
+    """
+    return max(_TASK_MIN, threads * _TASK_PER_THREAD)
 
 
-def _slab_fraction(in_bytes: int, work_bytes: int) -> float:
+def _temp_budget(work_bytes: int, threads: int = 1) -> int:
+    """Bytes all worker buffers together may use: ``clip(W / 16, 16 MiB, 256 MiB)``, or what
+    ``threads`` threads need for their blocks (``threads * _BUFFERS * _task_bytes(threads)``) if more."""
+    return int(max(min(_TEMP_MAX, max(_TEMP_MIN, work_bytes // 16)), threads * _BUFFERS * _task_bytes(threads)))
+
+
+def _slab_fraction(in_bytes: int, work_bytes: int, threads: int = 1) -> float:
     """Fraction of the result size the slab buffer of the large blur may take."""
     if not work_bytes:
         return 1.0
     room = max(_MEM_CAP * work_bytes, in_bytes + 1.4 * work_bytes) - in_bytes - work_bytes
-    room = max(room - _temp_budget(work_bytes) - _SLACK, min(work_bytes, _SLAB_MIN))
+    room = max(room - _temp_budget(work_bytes, threads) - _SLACK, min(work_bytes, _SLAB_MIN))
     return float(min(1.0, max(room / work_bytes, 1e-9)))
 
 
@@ -130,29 +142,32 @@ def _nslabs(n: int, frac: float) -> int:
     return max(1, min(n, math.ceil(1.0 / frac - 1e-12)))
 
 
-def peak_memory_bytes(shape, dtype, precision: str = "float32") -> int:
+def peak_memory_bytes(shape, dtype, precision: str = "float32", threads: int = 1) -> int:
     """Upper bound of the engine's peak memory for one call, input included.
 
     ``input + result (W) + one slab buffer + worker buffers + 8 MiB``, where
     the worker buffers of all threads together are capped at
-    ``clip(W / 16, 16 MiB, 256 MiB)`` and the slab buffer at what keeps the
+    ``max(clip(W / 16, 16 MiB, 256 MiB), threads * 6 * max(1 MiB, threads * 256 KiB))``
+    and the slab buffer at what keeps the
     total at ``max(2.5 W, input + 1.4 W)`` (rounded up to whole planes),
     but never below ``min(W, 512 MiB)`` (smaller volumes run in one slab).
     For the full seed position (413, 2048, 2048) uint16 this is 2.04x the
     float32 volume.  Holds for :func:`difference_of_gaussians` and
-    :func:`gaussian` (which needs no slab), whatever the sigmas, mode and
-    threads.  Python/numpy bookkeeping is not included.
+    :func:`gaussian` (which needs no slab), whatever the sigmas and mode,
+    for at most ``threads`` threads (up to 13 threads the bound of a full
+    seed position is the same; 16 threads add 128 MiB, 32 threads 1.3 GiB).
+    Python/numpy bookkeeping is not included.
     """
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     in_bytes = n * np.dtype(dtype).itemsize
     work = n * np.dtype(precision).itemsize
-    frac = _slab_fraction(in_bytes, work)
+    frac = _slab_fraction(in_bytes, work, threads)
     slab = 0
     for ax_len in shape:
         if ax_len > 0:
             slab = max(slab, (work // ax_len) * math.ceil(ax_len / _nslabs(ax_len, frac)))
-    return int(in_bytes + work + slab + _temp_budget(work) + _SLACK)
+    return int(in_bytes + work + slab + _temp_budget(work, threads) + _SLACK)
 
 
 # --------------------------------------------------------------------------- validation
@@ -572,7 +587,7 @@ class _Runner:
 
     def __init__(self, threads, temp_budget):
         self.threads = threads
-        self.task_bytes = max(64 << 10, min(_TASK_MAX, temp_budget // (_BUFFERS * threads)))
+        self.task_bytes = max(64 << 10, min(_task_bytes(threads), temp_budget // (_BUFFERS * threads)))
         self.scratch = [_Scratch() for _ in range(threads)]
         self.inbox = [queue.SimpleQueue() for _ in range(threads - 1)]
         self.done = queue.SimpleQueue()
@@ -789,7 +804,7 @@ def gaussian(volume, sigma, *, truncate=4.0, mode="nearest", precision="float32"
     v3, o3 = _as3d(v), _as3d(out)
     plans = _plans(sig, truncate, v3.shape, v.ndim, mode, precision)
     src = v3
-    with _Runner(threads, _temp_budget(out.nbytes)) as run:
+    with _Runner(threads, _temp_budget(out.nbytes, threads)) as run:
         for ax in (2, 1, 0):
             _single(run, plans[ax], src, o3, ax)
             src = o3
@@ -870,14 +885,14 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     v3, o3 = _as3d(v), _as3d(out)
     pa = _plans(ss, truncate, v3.shape, v.ndim, mode, precision)
     pb = _plans(sl, truncate, v3.shape, v.ndim, mode, precision)
-    first, middle, last, k = _schedule(pa, pb, v3.shape, _slab_fraction(v.nbytes, out.nbytes))
+    first, middle, last, k = _schedule(pa, pb, v3.shape, _slab_fraction(v.nbytes, out.nbytes, threads))
     n = v3.shape[first]
     bshape = list(v3.shape)
     bshape[first] = math.ceil(n / k)
     buf = _empty(tuple(bshape), precision)
     slabs = list(_slabs(pa[first], pb[first], n, k))
     a_once = len(slabs) > 1 and slabs[0][2:] == (0, n)
-    with _Runner(threads, _temp_budget(out.nbytes)) as run:
+    with _Runner(threads, _temp_budget(out.nbytes, threads)) as run:
         for i, slab in enumerate(slabs):
             _dog_slab(run, pa, pb, v3, o3, buf, (first, middle, last), slab, a_once, i)
     return out

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks import dog
+from tasks import defaults, dog
 
 _MiB = 1 << 20
 RUNTIME_OVERHEAD = 256 * _MiB  # interpreter, zarr codecs and I/O buffers of one task, on top of the filter's peak
@@ -25,14 +25,14 @@ class FilterKind:
     """How one kind of filter is run and sized.
 
     ``apply(volume, params, threads)`` returns the float result of one (z, y, x) volume;
-    ``peak_bytes(zyx, input_dtype)`` is an upper bound of what that call holds at its peak, input
+    ``peak_bytes(zyx, input_dtype, threads)`` is an upper bound of what that call holds at its peak, input
     included; ``method`` names the function in the output's metadata.
     """
 
     name: str
     method: str
     apply: Callable[[np.ndarray, Any, int], np.ndarray]
-    peak_bytes: Callable[[tuple[int, int, int], Any], int]
+    peak_bytes: Callable[[tuple[int, int, int], Any, int], int]
 
 
 def _dog_apply(volume: np.ndarray, params: Any, threads: int) -> np.ndarray:
@@ -44,17 +44,18 @@ DOG = FilterKind(
     name="dog",
     method="dogflow.difference_of_gaussians",
     apply=_dog_apply,
-    peak_bytes=lambda zyx, dtype: dog.peak_memory_bytes(tuple(zyx), np.dtype(dtype)),
+    peak_bytes=lambda zyx, dtype, threads: dog.peak_memory_bytes(tuple(zyx), np.dtype(dtype), threads=threads),
 )
 
 FILTERS: dict[str, FilterKind] = {DOG.name: DOG}
 
 
-def memory_per_task(kind: FilterKind, zyx: tuple[int, int, int], input_dtype: Any, output_dtype: str) -> int:
-    """Bytes one position's task holds at its peak: the filter's own bound, the cast output for uint16,
-    plus 10 % and :data:`RUNTIME_OVERHEAD`."""
+def memory_per_task(kind: FilterKind, zyx: tuple[int, int, int], input_dtype: Any, output_dtype: str,
+                    threads: int = defaults.PLAN_THREADS) -> int:
+    """Bytes one position's task holds at its peak: the filter's own bound (for up to ``threads`` engine
+    threads), the cast output for uint16, plus 10 % and :data:`RUNTIME_OVERHEAD`."""
     n = math.prod(zyx)
-    need = kind.peak_bytes(tuple(zyx), input_dtype)
+    need = kind.peak_bytes(tuple(zyx), input_dtype, threads)
     if np.dtype(output_dtype) == np.uint16:
         need += n * 2 + n * 4  # rint buffer + uint16 result
     return int(need * 1.1) + RUNTIME_OVERHEAD

@@ -62,7 +62,7 @@ def run_patched(c, fn):
     attrs = {"_FORCE_METHOD": c["method"]}
     if c["slab"] is not None:
         frac = c["slab"]
-        attrs["_slab_fraction"] = lambda in_b, w_b: frac
+        attrs["_slab_fraction"] = lambda in_b, w_b, threads=1: frac
     with patched(**attrs):
         return fn()
 
@@ -104,7 +104,7 @@ def test_seed_sigma_moderate_shape(mode, method):
 def test_seed_sigma_larger_than_radius_axes_slabbed():
     """Axes longer than the small radius, with several slabs (halo windows in the interior)."""
     v = random_volume((20, 200, 230), "uint16", 3)
-    with patched(_slab_fraction=lambda i, w: 0.3):
+    with patched(_slab_fraction=lambda i, w, threads=1: 0.3):
         got = dog.difference_of_gaussians(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE), threads=2)
     want = reference_dog(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE))
     assert np.max(np.abs(got - want)) <= tolerance(v)
@@ -284,11 +284,15 @@ def test_peak_memory_bytes_bound():
             assert b <= max(2.5 * vol32, 3 * vol32 if dt == "float32" else 0) + 76 * 2**20
     big = dog.peak_memory_bytes((413, 2048, 2048), "uint16")
     assert big <= 2.5 * 413 * 2048 * 2048 * 4
+    # more threads work on larger blocks (the GIL): their buffers count, beyond 13 threads for a full position
+    assert dog.peak_memory_bytes((413, 2048, 2048), "uint16", threads=13) == big
+    assert big < dog.peak_memory_bytes((413, 2048, 2048), "uint16", threads=16) <= 2.5 * 413 * 2048 * 2048 * 4
+    assert dog.peak_memory_bytes((40, 160, 176), "uint16", threads=8) > dog.peak_memory_bytes((40, 160, 176), "uint16")
     assert dog.peak_memory_bytes((10, 10, 10), "float64", "float64") > dog.peak_memory_bytes((10, 10, 10), "float32")
 
 
-@pytest.mark.parametrize("dtype", ["uint16", "float32"])
-def test_measured_peak_below_bound(dtype):
+@pytest.mark.parametrize("dtype,threads", [("uint16", 2), ("float32", 2), ("uint16", 8)])
+def test_measured_peak_below_bound(dtype, threads):
     shape = (40, 160, 176)
     v = random_volume(shape, dtype, 4)
     dog.difference_of_gaussians(v[:4, :20, :20], 2, 8, threads=2)   # warm caches outside the trace
@@ -296,11 +300,11 @@ def test_measured_peak_below_bound(dtype):
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        out = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=2)
+        out = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads)
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    bound = dog.peak_memory_bytes(shape, dtype)
+    bound = dog.peak_memory_bytes(shape, dtype, threads=threads)
     assert out.shape == shape and out.dtype == np.float32
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
 
@@ -319,6 +323,6 @@ def test_slab_window_wider_than_one_sigma(mode):
     """Slabbed first axis where the blur filtered alone has a smaller radius than its window."""
     v = random_volume((32, 6, 36), "uint16", 8)
     s1, s2 = (13.8, 2.49, 8.61), 0.205
-    with patched(_slab_fraction=lambda i, w: 0.2, _FORCE_METHOD="transform"):
+    with patched(_slab_fraction=lambda i, w, threads=1: 0.2, _FORCE_METHOD="transform"):
         got = dog.difference_of_gaussians(v, s1, s2, truncate=2.5, mode=mode, threads=3)
     assert np.max(np.abs(got - reference_dog(v, s1, s2, 2.5, mode))) <= tolerance(v)
