@@ -49,13 +49,14 @@ def make_dataset(path: Path, positions: int, shape: tuple[int, int, int]) -> Non
 
 
 def _child(kind: str, inp: str, threads: int, out: str) -> None:
-    """Runs in a fresh process: best-of-2 seconds of the engine alone or of process_position."""
+    """Runs in a fresh process: best-of-2 seconds (after a warm-up; one run for a full position) of the engine
+    alone or of process_position."""
     from tasks import defaults, dog, position
     from tasks.inputs import open_dataset
 
     vol = open_dataset(inp).read(0, 0)
     times = []
-    for rep in range(3):  # the first one warms up (imports, plans, page cache)
+    for rep in range(3 if vol.size < 1 << 28 else 1):  # the first one warms up (not for a full position)
         t = time.perf_counter()
         if kind == "engine":
             dog.difference_of_gaussians(vol, defaults.SEED_SIGMA_SMALL, defaults.SEED_SIGMA_LARGE, threads=threads)
@@ -63,7 +64,7 @@ def _child(kind: str, inp: str, threads: int, out: str) -> None:
         else:
             row = position.process_position(inp, out, 0, _params(inp), threads=threads)
         times.append(time.perf_counter() - t)
-    print(json.dumps({"seconds": min(times[1:]), **{k: v for k, v in row.items() if k.endswith("seconds")}}))
+    print(json.dumps({"seconds": min(times[1:] or times), **{k: v for k, v in row.items() if k.endswith("seconds")}}))
 
 
 def _params(inp: str) -> dict:

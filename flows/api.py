@@ -5,8 +5,8 @@ The temporary server is Prefect's own ephemeral server app (``prefect.server.api
 uvicorn in a subprocess, as Prefect's ``SubprocessASGIServer`` runs it, on the same database in
 ``PREFECT_HOME``). :func:`start_temporary_api` launches it *at once*, before the command imports Prefect
 and validates its input, so the server boots while the command works; :func:`prefect_api` waits for it
-only when the flow is about to start. The automation services (triggers, actions) and the event logger,
-which a run never uses, are off in it.
+only when the flow is about to start. The automation services (triggers, actions), the event logger and
+persister and the live event and log streams, which a run never uses, are off in it.
 
 The URL is exported in ``PREFECT_API_URL`` as soon as the server is launched (and the old value put back
 when it stops), so that Dask worker processes, which report task states themselves, talk to the same API
@@ -35,6 +35,9 @@ _SERVER_ENV = {
     "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
     # the event feed of a server that lives for one run: task states still reach it (task run recorder)
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    # nobody subscribes to this server's live event and log streams (the UI is off, progress comes from Dask)
+    "PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED": "false",
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "false",
 }
 
 

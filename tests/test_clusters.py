@@ -397,3 +397,34 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_embedded_default(tmp_pa
     run(venv / "bin" / "dogflow", "run", inp, res, "--sigma-small", "1", "--sigma-large", "2", "--no-progress",
         "--retry-delay", "0", cwd=work, env=env)
     assert_output_exact(res, inp, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "lsf", "sge"])
+def test_worker_jobs_get_dogflows_dask_settings(kind, tmp_path):
+    """A worker job's nanny reads the node's Dask config, not the flow's: the job script exports dogflow's
+    (tasks.defaults.DASK_CONFIG, the profile's dask_config winning) the way Dask hands config to its children."""
+    import re
+
+    import dask.config
+
+    from tasks.defaults import DASK_CONFIG
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"cluster_type": kind, "cores": 4, "memory": "16GB", "walltime": "01:00:00",
+                                    "job_script_prologue": ["module load site-python"],
+                                    "dask_config": {"distributed.admin.tick.interval": "1s"}}))
+    p = clusters.load_profile(str(prof))
+    for script, prologue in ((p.job_script(), None), (None, p.runner_arguments()["cluster_kwargs"]["job_script_prologue"])):
+        text = script if script is not None else "\n".join(prologue)
+        exported = re.search(r"^export DASK_INTERNAL_INHERIT_CONFIG=(\S+)$", text, re.M)
+        assert exported, text
+        settings = dask.config.deserialize(exported.group(1))
+        assert settings["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] is None
+        assert settings["distributed.admin.tick.interval"] == "1s"  # the profile wins
+        assert settings["distributed.scheduler.allowed-failures"] == DASK_CONFIG["distributed.scheduler.allowed-failures"]
+        assert "distributed.worker.preload" not in settings  # a job that cannot import it fails its task, visibly
+        assert text.index("DASK_INTERNAL_INHERIT_CONFIG") < text.index("module load site-python")
+        # what the worker process ends up with: Dask's own reading of that variable
+        cfg = dask.config.collect_env({"DASK_INTERNAL_INHERIT_CONFIG": exported.group(1)})
+        assert cfg["distributed"]["nanny"]["pre-spawn-environ"] == {"MALLOC_TRIM_THRESHOLD_": None}
+        assert cfg["distributed"]["worker"]["profile"]["enabled"] is False

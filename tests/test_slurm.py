@@ -231,6 +231,12 @@ def test_tls_scheduler_refuses_plain_tcp(tmp_path):
                 assert client.submit(lambda x: x + 1, 41).result(timeout=60) == 42
                 job_id = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
                 assert set(job_id.values()) <= watch.seen
+                # the job's nanny and worker got dogflow's Dask settings (tasks.defaults.DASK_CONFIG) from the
+                # job script: no MALLOC_TRIM_THRESHOLD_ exported to the worker, no statistical profiler
+                seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                           __import__("dask").config.get("distributed.worker.profile.enabled"),
+                                           __import__("dask").config.get("distributed.scheduler.allowed-failures")))
+                assert seen and all(v == (None, False, 2) for v in seen.values()), seen
         assert not watch.wait_empty(30)
 
 
