@@ -169,8 +169,8 @@ def test_plan_prints_job_script_and_memory_without_submitting(sample):
     res = runner.invoke(app, ["plan", str(sample), "--cluster", "slurm", "--positions", "0-1"])
     assert res.exit_code == 0, res.output
     out = res.stdout
-    assert "positions: 2" in out and "memory per task:" in out and "45.00 GiB available" in out
-    assert "workers: 16 (adaptive 0-16), jobs: up to 16" in out
+    assert "positions: 2" in out and "memory per task:" in out and "22.50 GiB available" in out
+    assert "workers: 128 (adaptive 0-128), jobs: up to 16, task slots per job: 8" in out
     assert "#SBATCH -p compute" in out and "distributed.cli.dask_worker" in out
     res = runner.invoke(app, ["plan", str(sample), "--cluster", "nosuch"])
     assert res.exit_code == 2 and "unknown cluster profile" in res.stderr
