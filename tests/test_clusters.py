@@ -424,6 +424,9 @@ def test_worker_jobs_get_dogflows_dask_settings(kind, tmp_path):
         assert settings["distributed.scheduler.allowed-failures"] == DASK_CONFIG["distributed.scheduler.allowed-failures"]
         assert "distributed.worker.preload" not in settings  # a job that cannot import it fails its task, visibly
         assert text.index("DASK_INTERNAL_INHERIT_CONFIG") < text.index("module load site-python")
+        # nor from the submitting environment (a nanny that ran in the submitting process exported it there)
+        assert re.search(r"^unset MALLOC_TRIM_THRESHOLD_$", text, re.M), text
+        assert text.index("unset MALLOC_TRIM_THRESHOLD_") < text.index("module load site-python")
         # what the worker process ends up with: Dask's own reading of that variable
         cfg = dask.config.collect_env({"DASK_INTERNAL_INHERIT_CONFIG": exported.group(1)})
         assert cfg["distributed"]["nanny"]["pre-spawn-environ"] == {"MALLOC_TRIM_THRESHOLD_": None}

@@ -9,7 +9,8 @@ holds a job's CPUs and how it reads a two-field walltime.
 A worker job's nanny and worker read the Dask configuration of the node they run on, not the flow's; so the
 job script exports dogflow's worker settings (``tasks.defaults.DASK_CONFIG`` and the profile's ``dask_config``)
 in ``DASK_INTERNAL_INHERIT_CONFIG``, the variable Dask itself uses to hand its configuration to processes it
-spawns. Among them: no ``MALLOC_TRIM_THRESHOLD_`` exported by the nanny (a position ran 21 % slower with it).
+spawns. Among them: no ``MALLOC_TRIM_THRESHOLD_`` exported by the nanny (a position ran 21 % slower with it),
+and none inherited from the submitting environment either (``unset``).
 """
 
 from __future__ import annotations
@@ -136,8 +137,14 @@ class JobqueueProfile(ClusterProfile):
         import dask.config
 
         settings = {k: v for k, v in self.dask_settings().items() if k != "distributed.worker.preload"}
-        line = f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(settings)}"
-        return [line, *(str(x) for x in (self.kwargs.get("job_script_prologue") or []))]
+        lines = [f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(settings)}"]
+        # A variable the settings say not to export must not arrive from the submitting environment either
+        # (sbatch exports it by default, and a nanny that ran in the submitting process put it there).
+        prefix = "distributed.nanny.pre-spawn-environ."
+        unset = sorted(k[len(prefix):] for k, v in settings.items() if k.startswith(prefix) and v is None)
+        if unset:
+            lines.append("unset " + " ".join(unset))
+        return [*lines, *(str(x) for x in (self.kwargs.get("job_script_prologue") or []))]
 
     def runner_arguments(self) -> dict[str, Any]:
         args = super().runner_arguments()
