@@ -91,6 +91,24 @@ def test_memory_plan_refuses_small_workers():
     assert need == SEED_NEED < have == 32 * 2**30
 
 
+def test_one_task_slot_per_worker_process_by_default():
+    """Positions in one process share its GIL (benchmarks/slots.py: 3.5-4x slower), so a jobqueue profile gets
+    processes = cores unless it says otherwise, and is warned when it does."""
+    prof = parse_profile({"cluster_type": "slurm", "cores": 4, "job_cpu": 24, "memory": "64GiB"}, "p")
+    assert prof.kwargs["processes"] == 4 and prof.task_slots_and_memory() == (1, 16 * GiB)
+    assert "--nworkers 4" in prof.job_script() and "--nthreads 1" in prof.job_script()
+    with pytest.warns(UserWarning, match="2 task slots per worker process share one GIL.*set processes: 4"):
+        shared = parse_profile({"cluster_type": "slurm", "cores": 4, "processes": 2, "memory": "64GiB"}, "p")
+    assert shared.task_slots_and_memory() == (2, 16 * GiB)
+    with pytest.raises(ProfileError, match="processes must divide cores"):
+        parse_profile({"cluster_type": "slurm", "cores": 4, "processes": 3, "memory": "64GiB"}, "p")
+    for name in ("slurm", "pbs", "lsf", "sge"):  # the shipped examples: 8 processes x 3 threads per job
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            shipped = clusters.load_profile(name)
+        assert shipped.task_slots_and_memory()[0] == 1 and shipped.threads_per_task() == 3
+
+
 def test_threads_per_task():
     prof = parse_profile({"cluster_type": "slurm", "cores": 4, "job_cpu": 24, "memory": "64GiB"}, "p")
     assert prof.threads_per_task() == 6
@@ -175,7 +193,7 @@ def test_a_new_scheduler_is_one_subclass():
                               "max_workers": 4}, "condor.yaml")
         assert type(prof) is HTCondorProfile
         assert prof.runner_arguments()["cluster_class"] == "dask_jobqueue.HTCondorCluster"
-        assert prof.task_slots_and_memory() == (2, 4 * GiB)
+        assert prof.task_slots_and_memory() == (1, 4 * GiB)  # one slot per worker process (processes: cores)
         assert prof.kwargs["security"] is True and prof.runner_arguments()["adapt_kwargs"] == {"minimum": 0, "maximum": 4}
         script = prof.job_script()
         assert script.startswith("#!/usr/bin/env condor_submit") and "dask_worker tls://" in script

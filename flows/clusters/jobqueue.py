@@ -95,8 +95,28 @@ class JobqueueProfile(ClusterProfile):
         for req in self.required:
             if req not in self.kwargs:
                 raise ProfileError(f"{self.name}: a {self.cluster_type} profile needs '{req}'")
+        self.setup_processes()
         self.setup_tls()
         self.setup_lifetime()
+
+    # -- processes ------------------------------------------------------------------
+
+    def setup_processes(self) -> None:
+        """One task slot per worker process unless the profile says otherwise (``processes: cores``).
+
+        Positions running in one process share its GIL between their numpy/FFT calls: on 16 cores, K positions
+        in one process took 3.5-4x longer than the same K positions in K processes (``benchmarks/slots.py``;
+        4x4, 8x2 and 16x1 threads). dask-jobqueue's own default (about sqrt(cores) processes) is not used."""
+        d = self.kwargs
+        cores = int(d["cores"])
+        d.setdefault("processes", cores)
+        processes = int(d["processes"] or 1)
+        if processes < 1 or cores % processes:
+            raise ProfileError(f"{self.name}: processes must divide cores ({cores}), got {d['processes']}")
+        if cores // processes > 1:
+            warnings.warn(f"{self.name}: {cores // processes} task slots per worker process share one GIL "
+                          f"(measured 3.5-4x slower than one process per slot); set processes: {cores}",
+                          stacklevel=4)
 
     # -- TLS and lifetime -----------------------------------------------------------
 
