@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from conftest import assert_output_exact, reference_dog, run_in_thread, wait_for_task_run_state
@@ -173,3 +174,37 @@ def test_flow_parameters_are_the_run_request():
     fields = [(f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
               for f in dataclasses.fields(RunRequest)]
     assert flow_params == fields
+
+
+def test_address_profile_joins_a_tls_scheduler(prefect_api, sample, tmp_path):
+    """A running scheduler that speaks TLS only: the address profile carries the client's certificate files in
+    its dask_config (Dask's own keys), the run is exact, and a client without them is refused."""
+    import copy
+
+    import dask
+    import yaml
+    from distributed import Client, LocalCluster
+
+    from flows.clusters import tls
+
+    certs = tls.create(tmp_path / "tls")
+    saved = copy.deepcopy(dask.config.config)  # the run sets the profile's dask_config process-wide
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tls",
+                          security=tls.security(certs), dashboard_address=":0") as cluster:
+            addr = cluster.scheduler_address
+            assert addr.startswith("tls://")
+            with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+                Client(addr, timeout=5)  # no certificate: refused
+            profile = tmp_path / "join.yaml"
+            profile.write_text(yaml.safe_dump({"cluster_type": "address", "address": addr, "dask_config": {
+                "distributed.comm.tls.ca-file": str(certs / tls.CERT),
+                "distributed.comm.tls.client.cert": str(certs / tls.CERT),
+                "distributed.comm.tls.client.key": str(certs / tls.KEY)}}))
+            out = tmp_path / "out.zarr"
+            state = _run(sample, out, cluster=str(profile))
+            assert state.is_completed(), state
+            assert_output_exact(out, sample, SS, SL, channel=1)
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)
