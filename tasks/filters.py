@@ -8,7 +8,6 @@ and the output metadata ask this registry; nothing else names the filter.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,10 +51,13 @@ FILTERS: dict[str, FilterKind] = {DOG.name: DOG}
 
 def memory_per_task(kind: FilterKind, zyx: tuple[int, int, int], input_dtype: Any, output_dtype: str,
                     threads: int = defaults.PLAN_THREADS) -> int:
-    """Bytes one position's task holds at its peak: the filter's own bound (for up to ``threads`` engine
-    threads), the cast output for uint16, plus 10 % and :data:`RUNTIME_OVERHEAD`."""
-    n = math.prod(zyx)
-    need = kind.peak_bytes(tuple(zyx), input_dtype, threads)
-    if np.dtype(output_dtype) == np.uint16:
-        need += n * 2 + n * 4  # rint buffer + uint16 result
+    """Bytes one position's task holds at its peak, plus 10 % and :data:`RUNTIME_OVERHEAD`.
+
+    The peak is the larger of the task's two phases (``tasks/position.py``): the filter (its own bound for up
+    to ``threads`` engine threads, input included) and the write, after the input is freed
+    (``tasks.store.write_peak_bytes``: the result, its pyramid levels and, for uint16, the cast copy).
+    """
+    from tasks import store
+
+    need = max(kind.peak_bytes(tuple(zyx), input_dtype, threads), store.write_peak_bytes(tuple(zyx), output_dtype))
     return int(need * 1.1) + RUNTIME_OVERHEAD

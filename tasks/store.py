@@ -477,6 +477,17 @@ def prepare_output(
 # =========================================================================== writing one (position, channel)
 
 
+def write_peak_bytes(zyx: tuple[int, int, int], output_dtype: str) -> int:
+    """Upper bound of what :func:`write_levels` holds at its peak, the float32 result ``W`` included: the pyramid
+    levels below it (each built from the one above: less than ``W / 3`` together) and, for uint16 output, the
+    cast copy of level 0 (``W / 2``, cast in 16 MiB blocks). zarr's chunk buffers are not included."""
+    n = int(np.prod(zyx))
+    peak = n * 4 + n * 4 // 3
+    if np.dtype(output_dtype) == np.uint16:
+        peak += n * 2 + (16 << 20)
+    return peak
+
+
 def write_levels(out: str | os.PathLike, position: int, channel: int, result: np.ndarray, output_dtype: str) -> int:
     """Write the float DoG ``result`` (z, y, x) of one (position, channel) as every level; returns the level count.
 

@@ -247,3 +247,42 @@ def test_lock_heartbeat_keeps_it_fresh(tmp_path):
     time.sleep(2.5)
     assert lock.path.stat().st_mtime > old
     lock.release()
+
+
+@pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
+def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dtype):
+    """write_levels (every pyramid level, the uint16 cast) measured with tracemalloc stays within
+    store.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
+    import dataclasses
+    import tracemalloc
+
+    from conftest import volume_dataset
+    from flows.request import RunRequest
+    from tasks import filters
+
+    zyx = (40, 320, 352)
+    inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    volume_dataset(inp, positions=1, shape=(2, 8, 8))
+    spec = RunRequest(str(inp), str(out), output_dtype=output_dtype).validate()
+    output = dataclasses.replace(spec.output, shape=zyx, max_plane=64)
+    store.prepare_output(out, output, channels=[0])
+    assert len(output.levels) == 4
+    result = np.random.default_rng(0).normal(100, 50, zyx).astype(np.float32)
+    store.write_levels(out, 0, 0, result, output_dtype)  # warm up
+    # zarr's chunks in flight (a copy and its encoded bytes each, async.concurrency of them) are the runtime
+    # allowance's part of the plan; one at a time here, so that the arrays' own peak shows
+    chunk = 40 * 256 * 256 * 4
+    with zarr.config.set({"async.concurrency": 1}):
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            store.write_levels(out, 0, 0, result, output_dtype)
+            extra = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    bound = store.write_peak_bytes(zyx, output_dtype)
+    assert result.nbytes + extra <= bound + 2 * chunk, (result.nbytes + extra, bound)
+    assert np.array_equal(store.open_level(out, 0)[0], store.to_output_dtype(result, output_dtype))
+    plan = filters.memory_per_task(filters.DOG, zyx, np.uint16, output_dtype)
+    assert plan >= 1.1 * bound + filters.RUNTIME_OVERHEAD
