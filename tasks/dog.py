@@ -583,11 +583,12 @@ _BLOCK = {"identity": _block_identity, "direct": _block_direct, "dct": _block_dc
 
 class _Runner:
     """Runs jobs block by block on ``threads`` threads: the caller and ``threads - 1`` helpers
-    started once per engine call (none for one thread), taking blocks from a shared counter."""
+    started once per engine call (none for one thread), taking blocks from a shared counter.
+    Blocks hold ``_task_bytes(threads)`` of transform buffer; :func:`_temp_budget` counts them."""
 
-    def __init__(self, threads, temp_budget):
+    def __init__(self, threads):
         self.threads = threads
-        self.task_bytes = max(64 << 10, min(_task_bytes(threads), temp_budget // (_BUFFERS * threads)))
+        self.task_bytes = _task_bytes(threads)
         self.scratch = [_Scratch() for _ in range(threads)]
         self.inbox = [queue.SimpleQueue() for _ in range(threads - 1)]
         self.done = queue.SimpleQueue()
@@ -804,7 +805,7 @@ def gaussian(volume, sigma, *, truncate=4.0, mode="nearest", precision="float32"
     v3, o3 = _as3d(v), _as3d(out)
     plans = _plans(sig, truncate, v3.shape, v.ndim, mode, precision)
     src = v3
-    with _Runner(threads, _temp_budget(out.nbytes, threads)) as run:
+    with _Runner(threads) as run:
         for ax in (2, 1, 0):
             _single(run, plans[ax], src, o3, ax)
             src = o3
@@ -892,7 +893,7 @@ def difference_of_gaussians(volume, sigma_small, sigma_large, *, truncate=4.0, m
     buf = _empty(tuple(bshape), precision)
     slabs = list(_slabs(pa[first], pb[first], n, k))
     a_once = len(slabs) > 1 and slabs[0][2:] == (0, n)
-    with _Runner(threads, _temp_budget(out.nbytes, threads)) as run:
+    with _Runner(threads) as run:
         for i, slab in enumerate(slabs):
             _dog_slab(run, pa, pb, v3, o3, buf, (first, middle, last), slab, a_once, i)
     return out

@@ -192,6 +192,9 @@ def downsample_mean(a: np.ndarray, slab: int = 8) -> np.ndarray:
     return out
 
 
+CAST_BLOCK = 1 << 22  # elements cast to uint16 at a time (one float32 block of 16 MiB)
+
+
 def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
     """Cast a float DoG to the output dtype.
 
@@ -203,11 +206,10 @@ def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
     if output_dtype == "uint16":  # in blocks: the extra memory is the uint16 result plus one block
         src = np.ascontiguousarray(result).reshape(-1)
         out = np.empty(src.shape, dtype=np.uint16)
-        step = 1 << 22
-        for i in range(0, src.size, step):
-            blk = np.rint(src[i : i + step])
+        for i in range(0, src.size, CAST_BLOCK):
+            blk = np.rint(src[i : i + CAST_BLOCK])
             np.clip(blk, 0, 65535, out=blk)
-            out[i : i + step] = blk
+            out[i : i + CAST_BLOCK] = blk
         return out.reshape(np.shape(result))
     raise StoreError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
 
@@ -480,11 +482,11 @@ def prepare_output(
 def write_peak_bytes(zyx: tuple[int, int, int], output_dtype: str) -> int:
     """Upper bound of what :func:`write_levels` holds at its peak, the float32 result ``W`` included: the pyramid
     levels below it (each built from the one above: less than ``W / 3`` together) and, for uint16 output, the
-    cast copy of level 0 (``W / 2``, cast in 16 MiB blocks). zarr's chunk buffers are not included."""
+    cast copy of level 0 (``W / 2``, cast in blocks of :data:`CAST_BLOCK`). zarr's chunk buffers are not included."""
     n = int(np.prod(zyx))
     peak = n * 4 + n * 4 // 3
     if np.dtype(output_dtype) == np.uint16:
-        peak += n * 2 + (16 << 20)
+        peak += n * 2 + CAST_BLOCK * 4
     return peak
 
 
