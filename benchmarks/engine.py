@@ -112,14 +112,19 @@ def collect(proc):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def side_by_side(shape, n, repeat, threads=1):
+    """n processes, each running the engine with ``threads`` threads, started together: the best wall time
+    of the slowest one (each process's best of repeat)."""
+    start = time.time() + 1.5 + 0.004 * np.prod(shape) / 1e6    # after every child built its volume
+    procs = [spawn({"shape": shape, "threads": threads, "repeat": repeat}, start_at=start) for _ in range(n)]
+    return max(min(collect(p)["walls"]) for p in procs)
+
+
 def n_process_speedup(shape, n, repeat):
     """N processes with threads=1 at once vs one alone: throughput speed-up, best of repeat."""
     alone = collect(spawn({"shape": shape, "threads": 1, "repeat": repeat}))
     t1 = min(alone["walls"])
-    start = time.time() + 1.0 + 0.002 * np.prod(shape) / 1e6    # after every child built its volume
-    procs = [spawn({"shape": shape, "threads": 1, "repeat": repeat}, start_at=start) for _ in range(n)]
-    res = [collect(p) for p in procs]
-    tn = max(min(r["walls"]) for r in res)
+    tn = side_by_side(shape, n, repeat)
     return t1, tn, n * t1 / tn
 
 

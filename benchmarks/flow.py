@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DOGFLOW = Path(sys.executable).parent / "dogflow"
-NANNY_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-             "OPENBLAS_NUM_THREADS": "1"}
+
+from benchmarks.engine import NANNY_ENV  # noqa: E402
 
 
 def make_dataset(path: Path, positions: int, shape: tuple[int, int, int]) -> None:

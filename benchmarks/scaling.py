@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.engine import S_LARGE, S_SMALL, collect, make_volume, spawn  # noqa: E402
+from benchmarks.engine import S_LARGE, S_SMALL, make_volume, side_by_side  # noqa: E402
 
 
 def best(fn, repeat):
@@ -30,14 +30,6 @@ def best(fn, repeat):
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
     return min(walls), min(cpus)
-
-
-def procs(shape, n, repeat):
-    """Throughput of n single-thread processes started together, relative to the slowest one's best."""
-    start = time.time() + 1.5 + 0.004 * (shape[0] * shape[1] * shape[2]) / 1e6
-    ps = [spawn({"shape": list(shape), "threads": 1, "repeat": repeat}, start_at=start) for _ in range(n)]
-    res = [collect(p) for p in ps]
-    return max(min(r["walls"]) for r in res)
 
 
 def main():
@@ -71,7 +63,7 @@ def main():
         f"{'rule' if not f else f'{f:g} MiB'}: {c:.3f} s CPU" for f, (_, c) in one.items()) + ")", flush=True)
     rows = []
     for n in ns:
-        tn = procs(shape, n, args.repeat)
+        tn = side_by_side(shape, n, args.repeat)
         sp_proc = n * w1 / tn
         cells = []
         for f in floors:
