@@ -60,15 +60,14 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
         if temporary_api is not None:
             temporary_api.stop()
         _fail(str(exc))
-    from flows.dog_filter import dog_filter, pending_work
+    from flows.dog_filter import dog_filter, pending_work, run_summary
 
     pending = pending_work(spec)[0] if temporary_api is not None else None
     if pending is not None and not (request.force or request.overwrite) and not pending:
         # Every selected position is complete and unchanged, and no Prefect server keeps a record of this
         # run: say so without starting Prefect (a run against a configured API still runs the flow).
         temporary_api.stop()
-        return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": 0,
-                "skipped": len(spec.positions), "failed": [], "positions": []}
+        return run_summary(spec, len(spec.positions), [])
     # inside `srun -n N` (runner mode) only rank 1 gets past the session's __enter__ and runs the flow
     with spec.profile.session(), prefect_api(temporary_api) as temporary:
         # with a temporary API, the local cluster's workers start while the server boots (its URL is exported);

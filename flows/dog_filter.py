@@ -174,14 +174,21 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dic
 
 
 def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: logging.Logger) -> dict[str, Any]:
-    failed = [r["position"] for r in rows if r["status"] != "completed"]
+    summary = run_summary(spec, skipped, rows)
+    failed = summary["failed"]
     reports.publish_summary(spec.input_path, spec.output_path, skipped, rows)
     logger.info(
         "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
-        len(rows) - len(failed), skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
+        summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
     )
     if failed:
         raise RunFailed(f"{len(failed)} position(s) failed: {', '.join(map(str, failed))}; "
                         f"completed positions are kept, re-run to retry only the failed ones")
+    return summary
+
+
+def run_summary(spec: RunSpec, skipped: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run returns: counts, failed positions and one row per filtered position."""
+    failed = [r["position"] for r in rows if r["status"] != "completed"]
     return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
             "skipped": skipped, "failed": failed, "positions": rows}

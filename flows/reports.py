@@ -44,11 +44,11 @@ class Progress:
     def __init__(self, total: int, already_done: int, to_do: int):
         from prefect.artifacts import create_progress_artifact
 
-        self.total, self.done, self.to_do, self.finished = total, already_done, to_do, 0
+        self.total, self.already_done, self.to_do, self.finished = total, already_done, to_do, 0
         self.artifact = create_progress_artifact(
             progress=self._percent(), key="dog-filter-progress", description=f"{to_do} of {total} positions to filter"
         )
-        announce(self.done, self.total)
+        announce(self.already_done, self.total)
 
     def _percent(self) -> float:
         return 100.0 * self.finished / self.to_do if self.to_do else 100.0
@@ -56,10 +56,9 @@ class Progress:
     def step(self) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        self.done += 1
         self.finished += 1
         update_progress_artifact(self.artifact, progress=self._percent())
-        announce(self.done, self.total)
+        announce(self.already_done + self.finished, self.total)
 
 
 def preview_artifact(output_path: str, position: int, channel: int) -> None:

@@ -137,10 +137,6 @@ class ClusterProfile:
     def adaptive(self) -> bool:
         return self.max_workers is not None
 
-    @property
-    def is_batch(self) -> bool:
-        return self.batch
-
     # -- sizing -------------------------------------------------------------------
 
     def task_slots_and_memory(self) -> tuple[int, int | None]:

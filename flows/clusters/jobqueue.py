@@ -107,14 +107,13 @@ class JobqueueProfile(ClusterProfile):
         Positions running in one process share its GIL between their numpy/FFT calls: on 16 cores, K positions
         in one process took 3.5-4x longer than the same K positions in K processes (``benchmarks/slots.py``;
         4x4, 8x2 and 16x1 threads). dask-jobqueue's own default (about sqrt(cores) processes) is not used."""
-        d = self.kwargs
-        cores = int(d["cores"])
-        d.setdefault("processes", cores)
-        processes = int(d["processes"] or 1)
-        if processes < 1 or cores % processes:
-            raise ProfileError(f"{self.name}: processes must divide cores ({cores}), got {d['processes']}")
-        if cores // processes > 1:
-            warnings.warn(f"{self.name}: {cores // processes} task slots per worker process share one GIL "
+        cores = int(self.kwargs["cores"])
+        self.kwargs.setdefault("processes", cores)
+        if self.processes < 1 or cores % self.processes:
+            raise ProfileError(f"{self.name}: processes must divide cores ({cores}), got {self.kwargs['processes']}")
+        slots = cores // self.processes
+        if slots > 1:
+            warnings.warn(f"{self.name}: {slots} task slots per worker process share one GIL "
                           f"(measured 3.5-4x slower than one process per slot); set processes: {cores}",
                           stacklevel=4)
 

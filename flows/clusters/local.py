@@ -130,9 +130,11 @@ class LocalProfile(ClusterProfile):
         return self._plan
 
     def for_tasks(self, n: int) -> None:
-        """The run has ``n`` positions to filter: no more workers than that (their cores go to fewer tasks)."""
-        self._tasks = max(1, int(n))
-        self._plan = None
+        """The run has ``n`` positions to filter: no more workers than that (their cores go to fewer tasks).
+        Told the same again (the CLI, then the flow), the plan the cluster may already run on is kept."""
+        n = max(1, int(n))
+        if n != self._tasks:
+            self._tasks, self._plan = n, None
 
     def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
         self._plan = None
