@@ -432,8 +432,7 @@ def test_worker_jobs_get_dogflows_dask_settings(kind, tmp_path):
                                     "job_script_prologue": ["module load site-python"],
                                     "dask_config": {"distributed.admin.tick.interval": "1s"}}))
     p = clusters.load_profile(str(prof))
-    for script, prologue in ((p.job_script(), None), (None, p.runner_arguments()["cluster_kwargs"]["job_script_prologue"])):
-        text = script if script is not None else "\n".join(prologue)
+    for text in (p.job_script(), "\n".join(p.runner_arguments()["cluster_kwargs"]["job_script_prologue"])):
         exported = re.search(r"^export DASK_INTERNAL_INHERIT_CONFIG=(\S+)$", text, re.M)
         assert exported, text
         settings = dask.config.deserialize(exported.group(1))

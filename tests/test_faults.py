@@ -116,33 +116,9 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     assert "position 2 failed for good" in run_log and "log lines of worker" in run_log  # workers' logs copied in
     # the task run is Failed with a readable reason, not stuck in Running: this run's own position-2 task run
     # (the session's server holds other tests' position-2 runs too), read until the server has recorded it
-    latest = _own_task_run_state(state.state_details.flow_run_id, "position-2", until="FAILED")
-    assert latest.type.value == "FAILED", latest
-    assert "died 2 times" in latest.message and "position 2" in latest.message
-
-
-def _own_task_run_state(flow_run_id, name, until, timeout=30.0):
-    """The state of the task run ``name`` of that flow run's child flows, polled until it is ``until``."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId, TaskRunFilterName)
-
-    seen = None
-    with get_client(sync_client=True) as pc:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            children = pc.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-            runs = pc.read_task_runs(task_run_filter=TaskRunFilter(
-                name=TaskRunFilterName(any_=[name]),
-                flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id, *(c.id for c in children)])))
-            if runs:
-                seen = max(runs, key=lambda r: r.created).state
-                if seen is not None and seen.type.value == until:
-                    break
-            time.sleep(0.2)
-    assert seen is not None, f"no task run {name} in flow run {flow_run_id}"
-    return seen
+    failed = wait_for_task_run_state("position-2", ("Failed",), timeout=30.0, flow_run_id=state.state_details.flow_run_id)
+    assert failed is not None and failed.type.value == "FAILED", "position 2's task run should be Failed"
+    assert "died 2 times" in failed.message and "position 2" in failed.message
 
 
 def test_corrupt_and_missing_chunks_are_named_and_repaired(prefect_api, tmp_path):

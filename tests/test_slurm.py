@@ -233,9 +233,13 @@ def test_tls_scheduler_refuses_plain_tcp(tmp_path):
                 assert set(job_id.values()) <= watch.seen
                 # the job's nanny and worker got dogflow's Dask settings (tasks.defaults.DASK_CONFIG) from the
                 # job script: no MALLOC_TRIM_THRESHOLD_ exported to the worker, no statistical profiler
-                seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-                                           __import__("dask").config.get("distributed.worker.profile.enabled"),
-                                           __import__("dask").config.get("distributed.scheduler.allowed-failures")))
+                def worker_settings():  # defined here: pickled by value, the worker cannot import this module
+                    import dask
+
+                    return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), dask.config.get("distributed.worker.profile.enabled"),
+                            dask.config.get("distributed.scheduler.allowed-failures"))
+
+                seen = client.run(worker_settings)
                 assert seen and all(v == (None, False, 2) for v in seen.values()), seen
         assert not watch.wait_empty(30)
 
