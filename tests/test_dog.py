@@ -158,6 +158,18 @@ def test_threads_equal_results():
     np.testing.assert_allclose(a, c, rtol=0, atol=tolerance(v) / 10)
 
 
+@pytest.mark.parametrize("lines", [1, 3, 5])
+@pytest.mark.parametrize("mode", ["nearest", "constant", "wrap"])
+def test_odd_blocks_pair_lines_exactly(lines, mode):
+    """Blocks of an odd number of lines leave one complex line half empty, along every axis
+    (strided lines pair neighbours, contiguous lines pair j with j + ceil(Q/2))."""
+    v = random_volume((9, 13, 11), "uint16", lines)
+    line_bytes = 4 * 64    # below every transform length here: blocks of exactly `lines` lines
+    with patched(_task_bytes=lambda threads: lines * line_bytes, _fast_len=lambda n: 64, _FORCE_METHOD="transform"):
+        got = dog.difference_of_gaussians(v, 1.5, (4.0, 2.0, 3.0), mode=mode, threads=1)
+    assert np.max(np.abs(got - reference_dog(v, 1.5, (4.0, 2.0, 3.0), mode=mode))) <= tolerance(v)
+
+
 def _tasks():
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
