@@ -36,6 +36,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
+
+from tasks import buffers
 
 
 class StoreError(ValueError):
@@ -171,7 +174,9 @@ class Dataset:
     def read(self, position: int, channel: int) -> np.ndarray:
         """The (z, y, x) volume of one position and channel, as stored (dtype of the input)."""
         im, idx = self._locate(position, channel)
-        return np.asarray(im.array[idx])
+        out = buffers.empty(im.array.shape[len(idx):], im.array.dtype)   # pre-populated: 2x faster for a full position
+        im.array.get_basic_selection(idx, out=NDBuffer.from_numpy_array(out))
+        return out
 
     def _objects(self, position: int, channel: int) -> Iterator[tuple[str, Path, tuple[slice, ...]]]:
         """(name, path, region) of every stored object (chunk, or shard) covering one position and channel."""

@@ -75,7 +75,7 @@ def filter_channel(ds: Dataset, output_path: str, position: int, channel: int, p
     t4 = time.perf_counter()
     stats.update(channel=int(channel), levels=levels, seconds=round(t4 - t0, 3), read_seconds=round(t1 - t0, 3),
                  filter_seconds=round(t2 - t1, 3), write_seconds=round(t4 - t3, 3))
-    summary = {"position": int(position), **stats, "host": socket.gethostname(),
+    summary = {"position": int(position), **stats, "host": socket.gethostname(), "pid": os.getpid(),
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "threads": threads}
     store.write_marker(output_path, position, channel, store.marker_record(p, fingerprint, summary))
     return stats

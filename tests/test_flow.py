@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
     assert res.shape == (2, 12, 40, 36) and res.dtype == np.float32  # (C, Z, Y, X): the input's channels
     assert_output_exact(out, sample, SS, SL, channel=1)  # every position, the last one (2) included
     assert [store.read_marker(out, p, 1)["position"] for p in range(3)] == [0, 1, 2]
+    # every position was filtered in a Dask worker process, not in the flow's own process
+    assert all(store.read_marker(out, p, 1)["pid"] not in (os.getpid(), None) for p in range(3))
     assert store.marked(out) == [(0, 1), (1, 1), (2, 1)]  # channel 0 was not selected: not computed
     assert not np.any(res[0])
     # NGFF 0.5 metadata and provenance

@@ -5,6 +5,7 @@ Paths inside the output are asked from ``store``, never written out here."""
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 import zarr
 
 from flows.sample import make_bioformats2raw
-from tasks import store
+from tasks import buffers, store
 from tasks.inputs import open_dataset
 
 
@@ -54,6 +55,38 @@ def test_pyramid_level_is_the_2x2_mean_of_the_level_above(shape):
     ref = padded.reshape(z, (y + 1) // 2, 2, (x + 1) // 2, 2).mean(axis=(2, 4))
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def _mapped(a):
+    """Is ``a`` a view of an anonymous mapping (tasks.buffers.empty), not numpy-allocated memory?"""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, mmap.mmap) or (isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap))
+
+
+def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monkeypatch):
+    """The input volume a task reads, its pyramid levels and its uint16 copy come from pre-populated mappings
+    (tasks.buffers) once large; here every size is 'large'. Missing input chunks still read as the fill value."""
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=2, shape=(5, 19, 23), chunks=(2, 8, 8))
+    ds = open_dataset(inp)
+    first = ds.stored_objects(1, 1)[0][1]   # chunk (0, 0, 0): planes 0-1, rows and columns 0-7
+    first.unlink()  # a missing chunk
+    monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
+    v = ds.read(1, 1)
+    assert _mapped(v) and v.flags.writeable and v.dtype == ds.dtype and v.shape == (5, 19, 23)
+    want = zarr.open_array(str(inp / "1" / "0"), mode="r")[0, 1]   # series 1 = position 1: (T, C, Z, Y, X)
+    np.testing.assert_array_equal(v, want)
+    assert not np.any(v[:2, :8, :8]) and np.all(v[2:] > 0)   # the missing chunk reads as the fill value, the rest is data
+    monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
+    f = v.astype(np.float32) - 7.5
+    lv = store.downsample_mean(f)
+    assert _mapped(lv)
+    padded = np.pad(f.astype(np.float64), ((0, 0), (0, 1), (0, 1)), mode="edge")
+    np.testing.assert_allclose(lv, padded.reshape(5, 10, 2, 12, 2).mean(axis=(2, 4)), rtol=1e-6, atol=1e-5)
+    u = store.to_output_dtype(f, "uint16")
+    assert _mapped(u) and u.dtype == np.uint16
+    np.testing.assert_array_equal(u, np.clip(np.rint(f), 0, 65535).astype(np.uint16))
 
 
 def test_layout_v2_tree_and_ngff_metadata(tmp_path):
