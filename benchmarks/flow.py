@@ -253,9 +253,10 @@ def full_position(work: Path, cluster: str) -> list[tuple[str, str]]:
     io = b.get("read_seconds", 0.0) + b.get("write_seconds", 0.0)
     return [
         ("full position: engine alone", f"{engine:.1f} s ({threads} threads)"),
-        ("full position: task in the flow", f"{task:.1f} s = {task / engine:.2f}x engine"),
+        ("full position: task in the flow", f"{task:.1f} s = {task / engine:.2f}x engine alone "
+                                             f"(its own filter step: {b.get('filter_seconds', 0):.1f} s)"),
         ("full position: read + write", f"{b.get('read_seconds', 0):.1f} + {b.get('write_seconds', 0):.1f} s "
-                                         f"= {100 * io / engine:.0f} % of the engine"),
+                                         f"= {100 * io / engine:.0f} % of the engine alone"),
         ("full position: flow wall", f"{row['wall']:.1f} s"),
     ]
 
