@@ -157,8 +157,12 @@ def flow_run(inp: Path, out: Path, positions: str, cluster: str) -> dict:
     if fresh:
         row["task_seconds"] = [m["seconds"] for m in fresh]
         # warm tasks: each worker process's first task also pays the first call's costs (imports, plans)
-        firsts = {min((m["finished"], id(m)) for m in fresh if m.get("pid") == pid)[1] for pid in {m.get("pid") for m in fresh}}
-        row["warm_task_seconds"] = [m["seconds"] for m in fresh if id(m) not in firsts] or row["task_seconds"]
+        started, warm = set(), []
+        for m in sorted(fresh, key=lambda m: m["finished"]):
+            if m.get("pid") in started:
+                warm.append(m["seconds"])
+            started.add(m.get("pid"))
+        row["warm_task_seconds"] = warm or row["task_seconds"]
         row["task_breakdown"] = {k: max(m.get(k, 0.0) for m in fresh) for k in fresh[0] if k.endswith("_seconds")}
         first = min(m["finished"] for m in fresh)
         last = max(m["finished"] for m in fresh)

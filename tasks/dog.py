@@ -496,6 +496,12 @@ def _mix(job, o, spec, flat, scratch, axis):
     return acc
 
 
+def _pairs_neighbours(axis):
+    """Do lines of a pass along ``axis`` pair as neighbours (2j, 2j + 1)?  Yes when they are strided in
+    memory (not the last axis): a pair is then two adjacent floats.  The one rule for loading and storing."""
+    return axis != 2
+
+
 def _adjacent(y):
     """(P, 2h, M) float view of packed complex lines y (P, h, M) whose h axis is contiguous in
     memory: float line 2j is the real part of complex line j, float line 2j + 1 its imaginary part."""
@@ -529,15 +535,15 @@ def _block_fft(job, blk, scratch, axis):
                 _right_edge(y, e, p, sign, a, b, job.lo, job.n, scratch, axis)
             if c is not None:
                 shift = sign * c if shift is None else shift + sign * c
-        _store_packed(y[..., a - job.lo:b - job.lo], dst[blk], shift, op, axis != 2)
+        _store_packed(y[..., a - job.lo:b - job.lo], dst[blk], shift, op, _pairs_neighbours(axis))
 
 
 def _load_packed(job, s, i, scratch, axis):
     """Copy lines s (P, Q, m) into source buffer i as (P, ceil(Q/2), M) complex lines, zero-padded.
 
     Lines are paired as real and imaginary parts of one complex line: neighbours (2j, 2j + 1)
-    when the pass's lines are strided in memory (axis != 2: the pairs are then adjacent floats,
-    so loading and storing are contiguous casts), else lines (j, j + ceil(Q/2)).
+    when the pass's lines are strided in memory (:func:`_pairs_neighbours`: the pairs are then adjacent
+    floats, so loading and storing are contiguous casts), else lines (j, j + ceil(Q/2)).
     'nearest': the value ``c`` of a true line end is subtracted first, which makes that end's
     extension zero (it is added back when storing); if both ends are true, the other end's
     extension is ``e = v[n-1] - v[0]``.  Returns (buffer, its float view, c, e).
@@ -546,7 +552,7 @@ def _load_packed(job, s, i, scratch, axis):
     M, m, lo, n = job.M, job.m, job.lo, job.n
     Q = s.shape[1]
     h, rest = (Q + 1) // 2, Q // 2
-    adjacent = axis != 2
+    adjacent = _pairs_neighbours(axis)
     z, zf = scratch.get(("src", i), (s.shape[0], h, M), np.result_type(plan.wdtype, np.complex64),
                         axis, pairs=True)
     c = e = None
@@ -564,14 +570,15 @@ def _load_packed(job, s, i, scratch, axis):
             np.subtract(s, _adjacent(c)[:, :Q], out=za[:, :Q, :m], casting="unsafe")
         if rest < h:
             za[:, Q, :m] = 0
-    elif c is None:
-        np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
-        np.copyto(z.imag[:, :rest, :m], s[:, h:], casting="unsafe")
     else:
-        np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
-        np.subtract(s[:, h:], c.imag[:, :rest], out=z.imag[:, :rest, :m], casting="unsafe")
-    if rest < h and not adjacent:
-        z.imag[:, -1, :m] = 0
+        if c is None:
+            np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
+            np.copyto(z.imag[:, :rest, :m], s[:, h:], casting="unsafe")
+        else:
+            np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
+            np.subtract(s[:, h:], c.imag[:, :rest], out=z.imag[:, :rest, :m], casting="unsafe")
+        if rest < h:
+            z.imag[:, -1, :m] = 0
     z[..., m:] = 0
     return z, zf, c, e
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def assert_output_exact(out, inp, sigma_small, sigma_large, channel=0, positions
         if marked:
             assert store.read_marker(out, p, channel) is not None, f"position {p} channel {channel} has no marker"
         assert_exact(store.read_result(out, p, channel), src.read(p, channel), sigma_small, sigma_large, truncate, mode)
+
+
+def is_populated_mapping(a) -> bool:
+    """Is ``a`` a view of an anonymous mapping (``tasks.buffers.empty``), not numpy-allocated memory?"""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, mmap.mmap) or (isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap))
 
 
 def volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0, chunks=(1, 1, 24, 128, 128)):

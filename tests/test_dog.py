@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import threading
 import tracemalloc
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from conftest import reference_dog, reference_gaussian, tolerance
+from conftest import is_populated_mapping, reference_dog, reference_gaussian, tolerance
 from flows.sample import random_volume
 from tasks import buffers, defaults, dog
 
@@ -322,18 +321,11 @@ def test_measured_peak_below_bound(dtype, threads):
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
 
 
-def _mapped(a):
-    """Is ``a`` a view of an anonymous mapping (tasks.buffers.empty), not numpy-allocated memory?"""
-    while isinstance(a, np.ndarray):
-        a = a.base
-    return isinstance(a, mmap.mmap) or (isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap))
-
-
 def test_large_result_is_a_writable_populated_mapping(monkeypatch):
     monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
     v = random_volume((6, 30, 40), "uint16", 5)
     got = dog.difference_of_gaussians(v, 1.5, 6.0, threads=2)
-    assert got.flags.writeable and got.dtype == np.float32 and got.shape == v.shape and _mapped(got)
+    assert got.flags.writeable and got.dtype == np.float32 and got.shape == v.shape and is_populated_mapping(got)
     assert np.max(np.abs(got - reference_dog(v, 1.5, 6.0))) <= tolerance(v)
     got[0, 0, 0] = 1.0
 

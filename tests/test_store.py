@@ -5,7 +5,6 @@ Paths inside the output are asked from ``store``, never written out here."""
 from __future__ import annotations
 
 import json
-import mmap
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
+from conftest import is_populated_mapping
 from flows.sample import make_bioformats2raw
 from tasks import buffers, store
 from tasks.inputs import open_dataset
@@ -45,23 +45,21 @@ def test_level_shapes_halve_until_the_plane_fits():
     assert store.level_shapes((4, 41, 37), max_plane=10) == [(4, 41, 37), (4, 21, 19), (4, 11, 10), (4, 6, 5)]
 
 
+def _mean_2x2(a):
+    """Reference 2x2 mean in y, x (float64); an odd last row or column averages with itself."""
+    z, y, x = a.shape
+    padded = np.pad(a.astype(np.float64), ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    return padded.reshape(z, (y + 1) // 2, 2, (x + 1) // 2, 2).mean(axis=(2, 4))
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 6), (2, 9, 7), (2, 1, 5), (1, 4, 1)])
 def test_pyramid_level_is_the_2x2_mean_of_the_level_above(shape):
     rng = np.random.default_rng(1)
     a = rng.normal(size=shape).astype(np.float32)
     got = store.downsample_mean(a)
-    z, y, x = shape
-    padded = np.pad(a.astype(np.float64), ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")  # odd edge: itself
-    ref = padded.reshape(z, (y + 1) // 2, 2, (x + 1) // 2, 2).mean(axis=(2, 4))
+    ref = _mean_2x2(a)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
-
-
-def _mapped(a):
-    """Is ``a`` a view of an anonymous mapping (tasks.buffers.empty), not numpy-allocated memory?"""
-    while isinstance(a, np.ndarray):
-        a = a.base
-    return isinstance(a, mmap.mmap) or (isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap))
 
 
 def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monkeypatch):
@@ -74,18 +72,16 @@ def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monk
     first.unlink()  # a missing chunk
     monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
     v = ds.read(1, 1)
-    assert _mapped(v) and v.flags.writeable and v.dtype == ds.dtype and v.shape == (5, 19, 23)
+    assert is_populated_mapping(v) and v.flags.writeable and v.dtype == ds.dtype and v.shape == (5, 19, 23)
     want = zarr.open_array(str(inp / "1" / "0"), mode="r")[0, 1]   # series 1 = position 1: (T, C, Z, Y, X)
     np.testing.assert_array_equal(v, want)
     assert not np.any(v[:2, :8, :8]) and np.all(v[2:] > 0)   # the missing chunk reads as the fill value, the rest is data
-    monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
     f = v.astype(np.float32) - 7.5
     lv = store.downsample_mean(f)
-    assert _mapped(lv)
-    padded = np.pad(f.astype(np.float64), ((0, 0), (0, 1), (0, 1)), mode="edge")
-    np.testing.assert_allclose(lv, padded.reshape(5, 10, 2, 12, 2).mean(axis=(2, 4)), rtol=1e-6, atol=1e-5)
+    assert is_populated_mapping(lv)
+    np.testing.assert_allclose(lv, _mean_2x2(f), rtol=1e-6, atol=1e-5)
     u = store.to_output_dtype(f, "uint16")
-    assert _mapped(u) and u.dtype == np.uint16
+    assert is_populated_mapping(u) and u.dtype == np.uint16
     np.testing.assert_array_equal(u, np.clip(np.rint(f), 0, 65535).astype(np.uint16))
 
 
