@@ -10,6 +10,7 @@ and uint16 copies it writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 
@@ -28,3 +29,15 @@ def empty(shape, dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
     return np.frombuffer(m, dtype=dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def numpy_allocated():
+    """Within this block :func:`empty` always allocates with numpy, whatever the size. Memory measurements need
+    it: tracemalloc sees numpy's allocations but not anonymous mappings. Not thread-safe (module state)."""
+    global POPULATE_MIN
+    saved, POPULATE_MIN = POPULATE_MIN, math.inf
+    try:
+        yield
+    finally:
+        POPULATE_MIN = saved

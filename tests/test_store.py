@@ -283,9 +283,8 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     """write_levels (every pyramid level, the uint16 cast) measured with tracemalloc stays within
     store.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
     import dataclasses
-    import tracemalloc
 
-    from conftest import volume_dataset
+    from conftest import traced_peak, volume_dataset
     from flows.request import RunRequest
     from tasks import filters
 
@@ -302,14 +301,7 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     # allowance's part of the plan; one at a time here, so that the arrays' own peak shows
     chunk = 40 * 256 * 256 * 4
     with zarr.config.set({"async.concurrency": 1}):
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            store.write_levels(out, 0, 0, result, output_dtype)
-            extra = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+        _, extra = traced_peak(lambda: store.write_levels(out, 0, 0, result, output_dtype))
     bound = store.write_peak_bytes(zyx, output_dtype)
     assert result.nbytes + extra <= bound + 2 * chunk, (result.nbytes + extra, bound)
     assert np.array_equal(store.open_level(out, 0)[0], store.to_output_dtype(result, output_dtype))
