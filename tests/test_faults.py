@@ -23,7 +23,8 @@ SS, SL = [1.0, 2.0, 2.0], [2.0, 5.0, 5.0]
 
 
 def _running_positions():
-    """Run on a Dask worker: the positions whose process_position frame is live right now."""
+    """Run on a Dask worker: its pid and the positions whose process_position frame is live right now (one
+    round trip, so the pid cannot be asked for after the position has ended)."""
     found = []
     for frame in sys._current_frames().values():
         f = frame
@@ -31,16 +32,18 @@ def _running_positions():
             if f.f_code.co_name == "process_position":
                 found.append(f.f_locals.get("position"))
             f = f.f_back
-    return found
+    return os.getpid(), found
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs the worker process that is filtering ``position``, ``times`` times (None: every time)."""
+    """SIGKILLs the worker process that is filtering ``position``, ``times`` times (None: every time).
+    ``seen`` keeps every position it saw running, so a miss says what the killer did see."""
 
     def __init__(self, client, position, times=1):
         super().__init__(daemon=True)
         self.client, self.position, self.times = client, position, times
         self.kills: list[int] = []
+        self.seen: set[int] = set()
         self.stop = threading.Event()
 
     def run(self):
@@ -50,15 +53,17 @@ class WorkerKiller(threading.Thread):
             except Exception:
                 time.sleep(0.05)
                 continue
-            for addr, positions in running.items():
-                if isinstance(positions, list) and self.position in positions:
+            for reply in running.values():
+                if not isinstance(reply, tuple):
+                    continue
+                pid, positions = reply
+                self.seen.update(positions)
+                if self.position in positions and pid not in self.kills:
                     try:
-                        pid = self.client.run(os.getpid, workers=[addr])[addr]
-                    except Exception:
-                        continue
-                    if pid not in self.kills:
                         os.kill(pid, signal.SIGKILL)
-                        self.kills.append(pid)
+                    except ProcessLookupError:  # already gone: not a kill of ours
+                        continue
+                    self.kills.append(pid)
             time.sleep(0.005)
 
 
@@ -89,12 +94,12 @@ def _flow(inp, out, **kw):
 
 def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_path):
     client, profile = cluster
-    volume_dataset(tmp_path / "in.zarr")
+    volume_dataset(tmp_path / "in.zarr", shape=(96, 320, 320))  # each position lasts long enough to be caught
     killer = WorkerKiller(client, position=1, times=1)
     killer.start()
     state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster=str(profile))
     killer.stop.set()
-    assert len(killer.kills) == 1, "the worker filtering position 1 should have been killed once"
+    assert len(killer.kills) == 1, f"the worker filtering position 1 should have been killed once; seen {killer.seen}"
     assert state.is_completed(), state
     assert_output_exact(tmp_path / "out.zarr", tmp_path / "in.zarr", SS, SL)
 
