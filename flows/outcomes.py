@@ -60,12 +60,44 @@ def _dask_gave_up(fut: Any, position: int) -> Optional[str]:
                 f"(allowed-failures={allowed}; out of memory, killed, or node lost) - see the worker logs below")
     else:
         line = f"position {position}: Dask lost the task ({error_line(exc)})"
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    mark_failed(fut.task_run_id, position, line, ctx.flow_run.id if ctx and ctx.flow_run else None)
+    return line
+
+
+def mark_failed(task_run_id: Any, position: int, line: str, flow_run_id: Any = None) -> None:
+    """Record the task run of ``position`` as Failed with ``line`` as its message, under its own name.
+
+    A worker sends its task run's states as events, in the background. One killed early loses the
+    events not yet sent: the server may hold the task run under its provisional name
+    (``dog-position-...``, before ``position-N`` was set), or not at all. So the name is set here
+    too, and a task run the server never heard of is created, already Failed, in ``flow_run_id``.
+    Events still on their way carry older timestamps and do not overwrite this state.
+    """
+    from uuid import uuid4
+
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Failed
 
+    from tasks.position import filter_position
+
+    name = f"position-{position}"
     with get_client(sync_client=True) as client:
-        client.set_task_run_state(fut.task_run_id, Failed(message=line), force=True)
-    return line
+        try:
+            known_name = client.read_task_run(task_run_id).name
+        except ObjectNotFound:
+            try:
+                client.create_task_run(filter_position, flow_run_id, dynamic_key=str(uuid4()), id=task_run_id,
+                                       name=name, state=Failed(message=line))
+                return
+            except Exception:  # the worker's first event got there in between: update that run below
+                known_name = None
+        if known_name != name:
+            client.set_task_run_name(task_run_id, name)
+        client.set_task_run_state(task_run_id, Failed(message=line), force=True)
 
 
 def dask_client() -> Any:

@@ -92,6 +92,20 @@ def _flow(inp, out, **kw):
     return dog_filter(**args, return_state=True)
 
 
+def _task_runs_of(flow_run_id):
+    """(name, state) of every task run of a flow run and its child flows: what a failed wait did find."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id, *(c.id for c in children)])))
+        return sorted((r.name, r.state.name if r.state else None) for r in runs)
+
+
 def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_path):
     client, profile = cluster
     volume_dataset(tmp_path / "in.zarr", shape=(96, 320, 320))  # each position lasts long enough to be caught
@@ -122,8 +136,59 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     # the task run is Failed with a readable reason, not stuck in Running: this run's own position-2 task run
     # (the session's server holds other tests' position-2 runs too), read until the server has recorded it
     failed = wait_for_task_run_state("position-2", ("Failed",), timeout=30.0, flow_run_id=state.state_details.flow_run_id)
-    assert failed is not None and failed.type.value == "FAILED", "position 2's task run should be Failed"
+    assert failed is not None and failed.type.value == "FAILED", \
+        f"position 2's task run should be Failed; the run's task runs: {_task_runs_of(state.state_details.flow_run_id)}"
     assert "died 2 times" in failed.message and "position 2" in failed.message
+
+
+def _task_run_when(client, task_run_id, state_name, timeout=30.0):
+    """The task run once the server's state history of it holds ``state_name`` (events are recorded later)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if state_name in [st.name for st in client.read_task_run_states(task_run_id)]:
+            return client.read_task_run(task_run_id)
+        time.sleep(0.1)
+    raise AssertionError(f"the server never recorded {state_name} for task run {task_run_id}")
+
+
+def test_a_task_run_whose_worker_died_early_is_failed_under_its_own_name(prefect_api):
+    """A worker sends its task run's states as events, in the background; one killed early leaves the server a
+    provisional name, or nothing. The flow's own record must win, and events that arrive after it must not undo it."""
+    from uuid import uuid4
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Pending, Running
+    from prefect.utilities.engine import emit_task_run_state_change_event
+
+    from flows.dog_filter import filter_positions
+    from flows.outcomes import mark_failed
+    from tasks.position import filter_position
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(filter_positions, parameters={})
+        # never heard of: the worker died before its first event left
+        lost = uuid4()
+        mark_failed(lost, 7, "position 7: the Dask worker running it died 2 times", flow_run.id)
+        run = client.read_task_run(lost)
+        assert (run.name, run.state.name, run.flow_run_id) == ("position-7", "Failed", flow_run.id)
+        assert run.state.message == "position 7: the Dask worker running it died 2 times"
+
+        # only the first event arrived (the provisional name); the Running one is sent after the flow's record
+        provisional = TaskRun(id=uuid4(), name="dog-position-3f2", flow_run_id=flow_run.id,
+                              task_key=filter_position.task_key, dynamic_key=str(uuid4()))
+        pending, running = Pending(), Running()
+        emit_task_run_state_change_event(provisional, None, pending)
+        EventsWorker.drain_all()
+        assert _task_run_when(client, provisional.id, "Pending").name == "dog-position-3f2"
+        mark_failed(provisional.id, 3, "position 3: the Dask worker running it died 2 times", flow_run.id)
+        late = provisional.model_copy(update={"name": "position-3"})
+        emit_task_run_state_change_event(late, pending, running)
+        EventsWorker.drain_all()
+        run = _task_run_when(client, provisional.id, "Running")
+        assert (run.name, run.state.name) == ("position-3", "Failed"), (run.name, run.state.name)
+        assert run.state.message == "position 3: the Dask worker running it died 2 times"
 
 
 def test_corrupt_and_missing_chunks_are_named_and_repaired(prefect_api, tmp_path):
