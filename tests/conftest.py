@@ -120,29 +120,43 @@ def sample(tmp_path):
     return path
 
 
+def _in_flow_run(client, flow_run_id):
+    """The task-run filter for one flow run and its child flows (the session's server holds every test's runs)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilterFlowRunId
+
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    return TaskRunFilterFlowRunId(any_=[flow_run_id, *(c.id for c in children)])
+
+
 def wait_for_task_run_state(task_run_name, state_names, timeout=120.0, flow_run_id=None):
     """Poll the Prefect API until a task run of that name is in one of ``state_names``: that state, or None.
 
     ``flow_run_id``: only that flow run's task runs and its child flows' (the session's server holds every
     test's runs, several of them with the same task run names)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId, TaskRunFilterName)
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     with get_client(sync_client=True) as client:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            scope = {}
-            if flow_run_id is not None:
-                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-                scope["flow_run_id"] = TaskRunFilterFlowRunId(any_=[flow_run_id, *(c.id for c in children)])
+            scope = {} if flow_run_id is None else {"flow_run_id": _in_flow_run(client, flow_run_id)}
             flt = TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name]), **scope)
             for r in client.read_task_runs(task_run_filter=flt):
                 if r.state and r.state.name in state_names:
                     return r.state
             time.sleep(0.2)
     return None
+
+
+def task_runs_of(flow_run_id):
+    """(name, state name) of every task run of a flow run and its child flows, sorted: what a failed wait found."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=_in_flow_run(client, flow_run_id)))
+    return sorted((r.name, r.state.name if r.state else None) for r in runs)
 
 
 def run_in_thread(fn):

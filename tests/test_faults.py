@@ -16,7 +16,8 @@ import pytest
 import yaml
 import zarr
 
-from conftest import assert_output_exact, cli_process, run_cli, run_in_thread, volume_dataset, wait_for_task_run_state
+from conftest import (assert_output_exact, cli_process, run_cli, run_in_thread, task_runs_of, volume_dataset,
+                      wait_for_task_run_state)
 from tasks import store
 
 SS, SL = [1.0, 2.0, 2.0], [2.0, 5.0, 5.0]
@@ -92,20 +93,6 @@ def _flow(inp, out, **kw):
     return dog_filter(**args, return_state=True)
 
 
-def _task_runs_of(flow_run_id):
-    """(name, state) of every task run of a flow run and its child flows: what a failed wait did find."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId)
-
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id, *(c.id for c in children)])))
-        return sorted((r.name, r.state.name if r.state else None) for r in runs)
-
-
 def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_path):
     client, profile = cluster
     volume_dataset(tmp_path / "in.zarr", shape=(96, 320, 320))  # each position lasts long enough to be caught
@@ -137,7 +124,7 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     # (the session's server holds other tests' position-2 runs too), read until the server has recorded it
     failed = wait_for_task_run_state("position-2", ("Failed",), timeout=30.0, flow_run_id=state.state_details.flow_run_id)
     assert failed is not None and failed.type.value == "FAILED", \
-        f"position 2's task run should be Failed; the run's task runs: {_task_runs_of(state.state_details.flow_run_id)}"
+        f"position 2's task run should be Failed; the run's task runs: {task_runs_of(state.state_details.flow_run_id)}"
     assert "died 2 times" in failed.message and "position 2" in failed.message
 
 
