@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +76,7 @@ def main() -> None:
         print(f"read {t['read']:.2f} s, engine {t['engine']:.2f} s, preview {t['preview']:.2f} s, "
               f"write (all levels) {t['write']:.2f} s; read + write = {100 * (t['read'] + t['write']) / t['engine']:.0f} % "
               f"of the engine; output ratio {written / du(out):.2f}")
-        with buffers.numpy_allocated():   # tracemalloc sees numpy's allocations, not pre-populated mappings
-            tracemalloc.start()
-            one_position(inp, out)
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
+        _, peak = buffers.traced_peak(lambda: one_position(inp, out))   # large arrays from numpy, which tracemalloc sees
         print(f"peak traced memory of read+engine+preview+write: {peak / vol_bytes:.2f}x the float32 volume")
         if a.codecs:
             compare_codecs(work, ds.read(0, 0))

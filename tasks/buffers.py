@@ -41,3 +41,19 @@ def numpy_allocated():
         yield
     finally:
         POPULATE_MIN = saved
+
+
+def traced_peak(fn):
+    """(fn(), bytes its Python and numpy allocations added at their peak), by tracemalloc, with large arrays
+    from numpy meanwhile (:func:`numpy_allocated`). For tests and benchmarks of memory bounds."""
+    import tracemalloc
+
+    with numpy_allocated():
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            result = fn()
+            return result, tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()

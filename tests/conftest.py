@@ -60,24 +60,6 @@ def is_populated_mapping(a) -> bool:
     return isinstance(a, mmap.mmap) or (isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap))
 
 
-def traced_peak(fn):
-    """(fn(), bytes its Python/numpy allocations added at their peak), by tracemalloc. Large arrays come from
-    numpy meanwhile (``tasks.buffers.numpy_allocated``): tracemalloc does not see pre-populated mappings."""
-    import tracemalloc
-
-    from tasks import buffers
-
-    with buffers.numpy_allocated():
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            result = fn()
-            return result, tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
-
-
 def volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0, chunks=(1, 1, 24, 128, 128)):
     """A 5-D (positions, 1, z, y, x) uint16 Zarr array of random volumes in [50, 2000) on disk."""
     import zarr

@@ -284,7 +284,7 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     store.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
     import dataclasses
 
-    from conftest import traced_peak, volume_dataset
+    from conftest import volume_dataset
     from flows.request import RunRequest
     from tasks import filters
 
@@ -303,7 +303,7 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     # too), the arrays below level 0 not allocated yet
     chunk = 40 * 256 * 256 * 4
     with zarr.config.set({"async.concurrency": 1}):
-        _, extra = traced_peak(lambda: store.write_levels(out, 0, 0, result, output_dtype))
+        _, extra = buffers.traced_peak(lambda: store.write_levels(out, 0, 0, result, output_dtype))
     bound = store.write_peak_bytes(zyx, output_dtype)
     assert result.nbytes + extra <= bound + 3 * chunk, (result.nbytes + extra, bound)
     assert np.array_equal(store.open_level(out, 0)[0], store.to_output_dtype(result, output_dtype))
