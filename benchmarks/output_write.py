@@ -23,10 +23,13 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows.sample import sample_volume  # noqa: E402
-from tasks import buffers, dog, preview, store  # noqa: E402
+from tasks import defaults, preview  # noqa: E402
+from tasks.filters import DoG, FilterParams  # noqa: E402
 from tasks.inputs import open_dataset  # noqa: E402
+from tasks.output import CODEC, Output, OutputSpec  # noqa: E402
+from tasks.testing import traced_peak  # noqa: E402
 
-SIGMA_SMALL, SIGMA_LARGE = 50 / 2.35, 200 / 2.35
+SEED = DoG((defaults.SEED_SIGMA_SMALL,) * 3, (defaults.SEED_SIGMA_LARGE,) * 3)
 
 
 def du(path: Path) -> int:
@@ -41,14 +44,14 @@ def one_position(inp: Path, out: Path, dtype: str = "float32") -> dict[str, floa
     volume = ds.read(0, 0)
     t["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = dog.difference_of_gaussians(volume, SIGMA_SMALL, SIGMA_LARGE)
+    result = SEED.apply(volume, threads=defaults.threads_per_task())
     t["engine"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     preview.preview_png(volume, result)
     t["preview"] = time.perf_counter() - t0
     del volume
     t0 = time.perf_counter()
-    store.write_levels(out, 0, 0, result, dtype)
+    Output(out).write_levels(0, 0, result, dtype)
     t["write"] = time.perf_counter() - t0
     return t
 
@@ -66,17 +69,16 @@ def main() -> None:
         arr = zarr.create_array(str(inp), shape=(1, 1, *shape), chunks=(1, 1, 64, 256, 256), dtype="uint16")
         arr[0, 0] = sample_volume(shape, 400, np.random.default_rng(0))
         ds = open_dataset(inp)
-        params = store.FilterParams(str(inp), (SIGMA_SMALL,) * 3, (SIGMA_LARGE,) * 3, 4.0, "nearest", "float32")
-        spec = store.OutputSpec.for_dataset(params, ds, max_plane=a.max_plane)
-        store.prepare_output(out, spec, channels=[0])
-        print(f"shape {shape}, levels {spec.levels}, codec {store.CODEC}, cpus {os.cpu_count()}")
+        spec = OutputSpec.for_dataset(FilterParams(str(inp), SEED, "float32"), ds, max_plane=a.max_plane)
+        Output(out).prepare(spec, channels=[0])
+        print(f"shape {shape}, levels {spec.levels}, codec {CODEC}, cpus {os.cpu_count()}")
         t = one_position(inp, out)
         vol_bytes = 4 * int(np.prod(shape))
         written = sum(4 * int(np.prod(s)) for s in spec.levels)
         print(f"read {t['read']:.2f} s, engine {t['engine']:.2f} s, preview {t['preview']:.2f} s, "
               f"write (all levels) {t['write']:.2f} s; read + write = {100 * (t['read'] + t['write']) / t['engine']:.0f} % "
               f"of the engine; output ratio {written / du(out):.2f}")
-        _, peak = buffers.traced_peak(lambda: one_position(inp, out))   # large arrays from numpy, which tracemalloc sees
+        _, peak = traced_peak(lambda: one_position(inp, out))   # large arrays from numpy, which tracemalloc sees
         print(f"peak traced memory of read+engine+preview+write: {peak / vol_bytes:.2f}x the float32 volume")
         if a.codecs:
             compare_codecs(work, ds.read(0, 0))
@@ -87,7 +89,7 @@ def main() -> None:
 def compare_codecs(work: Path, volume: np.ndarray) -> None:
     from zarr.codecs import BloscCodec
 
-    result = dog.difference_of_gaussians(volume, SIGMA_SMALL, SIGMA_LARGE)
+    result = SEED.apply(volume, threads=defaults.threads_per_task())
     cands = {
         "zstd (zarr default)": "auto",
         "none": None,

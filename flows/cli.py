@@ -90,6 +90,8 @@ def run(
     input_path: str = typer.Argument(..., metavar="INPUT",
                                      help="5-D Zarr array, OME-Zarr image, bioformats2raw root or dogflow output"),
     output_path: str = typer.Argument(..., metavar="OUTPUT", help="OME-Zarr group to create or update"),
+    filter: str = typer.Option(defaults.FILTER, "--filter", help="dog (Difference of Gaussians) or gaussian (blur)"),
+    sigma: Optional[str] = typer.Option(None, help="σ of the gaussian filter: voxels (2.5, or z,y,x) or a length (0.5um)"),
     channel: int = typer.Option(0, "--channel", "-c", help="channel to filter (when --channels is not given)"),
     channels: Optional[str] = typer.Option(None, help="channels to filter: 0,2 or all [default: --channel]"),
     voxel_size: Optional[str] = typer.Option(None, help="voxel size z,y,x in µm (or with a unit) for inputs without it"),
@@ -125,7 +127,7 @@ def run(
             temporary_api.stop()
         _fail(str(exc))
     request = RunRequest(
-        input_path, output_path, channel=channel, channels=channels, voxel_size=voxel_size,
+        input_path, output_path, filter=filter, sigma=sigma, channel=channel, channels=channels, voxel_size=voxel_size,
         sigma_small=defaults.SEED_SIGMA_SMALL if s_small is None else s_small,
         sigma_large=defaults.SEED_SIGMA_LARGE if s_large is None else s_large,
         positions=positions, truncate=truncate, mode=mode, output_dtype=output_dtype, overwrite=overwrite,
@@ -184,7 +186,7 @@ def plan(
         parse_channels(None, ds.n_channels, channel)
         pos = parse_positions(positions, ds.n_positions)
         prof = clusters.load_profile(cluster)
-        prof.check_memory(filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, output_dtype))
+        prof.check_memory(filters.memory_per_task(defaults.FILTER, ds.shape, ds.dtype, output_dtype))
         lines = prof.plan_lines()
     except (StoreError, ParameterError, clusters.ProfileError) as exc:
         _fail(str(exc))
@@ -198,15 +200,17 @@ def plan(
 @app.command()
 def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
     """List which (position, channel) of OUTPUT are complete, missing or stale, and the parameters behind them."""
-    from tasks import store
+    from tasks.output import Output
+    from tasks.storage import StoreError
 
     try:
-        st = store.status(output_path)
-    except store.StoreError as exc:
+        st = Output(output_path).status()
+    except StoreError as exc:
         _fail(str(exc))
     prov = st.provenance
     typer.echo(f"output: {output_path}  (P, C, Z, Y, X) {tuple(prov['shape'])}  levels {len(prov['levels'])}  "
                f"dogflow {prov.get('version')}, layout {prov['layout_version']}")
+    typer.echo(f"  filter: {st.params.kind} ({st.params.filter.describe()} voxels)")
     for k, v in st.params.as_dict().items():
         typer.echo(f"  {k}: {v}")
     for k in ("sigma_small_um", "sigma_large_um"):
@@ -217,15 +221,15 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
         typer.echo(f"  (input unavailable: {st.input_problem}; staleness not checked)")
     typer.echo("position  channel  state")
     for r in st.rows:
-        state = f"{r.state} ({r.reason})" if r.reason else r.state
+        state = f"{r.state} ({r.reason})" if r.reason else str(r.state)
         m = r.marker
         line = f"{r.position:8d}  {r.channel:7d}  {state:<24s}"
         if m:
-            line += (f"  σ {m['params']['sigma_small']} / {m['params']['sigma_large']}  {m.get('seconds', 0):.1f}s on "
+            line += (f"  {st.params.filter.describe()}  {m.get('seconds', 0):.1f}s on "
                      f"{m.get('host')}" + (f" job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""))
         typer.echo(line.rstrip())
     c = st.counts()
-    typer.echo(f"{c['complete']} complete, {c['missing']} missing, {c['stale']} stale (of {len(st.rows)})")
+    typer.echo(", ".join(f"{n} {state}" for state, n in c.items()) + f" (of {len(st.rows)})")
 
 
 def main() -> None:

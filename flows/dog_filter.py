@@ -3,7 +3,7 @@
 The mapping runs in a child flow, ``dog-filter-positions``, whose task runner is the ``DaskTaskRunner``
 built from the run's cluster profile; validation and planning run in the parent before any cluster (or
 SLURM job) exists. The rooms this flow delegates to: :mod:`flows.request` (validation),
-:mod:`tasks.store` (layout, markers, lock), :mod:`flows.outcomes` (what Dask did with each task),
+:mod:`tasks.output` (layout, markers, lock), :mod:`flows.outcomes` (what Dask did with each task),
 :mod:`flows.reports` (artifacts, progress) and :mod:`flows.runlog` (the run's log file).
 """
 
@@ -18,9 +18,11 @@ from prefect.runtime import flow_run
 
 from flows import clusters, outcomes, reports, runlog
 from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
-from tasks import defaults, store
+from tasks import defaults, filters
 from tasks.inputs import open_dataset
-from tasks.position import filter_position
+from tasks.markers import MarkerRow, MarkerState
+from tasks.output import Output
+from tasks.position import PositionResult, position_task
 
 
 class RunFailed(RuntimeError):
@@ -31,6 +33,8 @@ class RunFailed(RuntimeError):
 def dog_filter(
     input_path: str,
     output_path: str,
+    filter: Literal[filters.FILTER_KINDS] = defaults.FILTER,  # type: ignore[valid-type]
+    sigma: Optional[str] = None,
     channel: int = 0,
     channels: Union[str, list[int], None] = None,
     voxel_size: Union[str, list[float], None] = None,
@@ -54,6 +58,8 @@ def dog_filter(
             bioformats2raw root (each series is a position) or a dogflow output.
         output_path: OME-Zarr (NGFF 0.5) group to create or update: one image per position, "P/0" is position
             P at full resolution, shape (C, Z, Y, X), "P/1", ... its 2x-downsampled levels.
+        filter: dog (Difference of Gaussians, sigma_small and sigma_large) or gaussian (a blur, sigma).
+        sigma: Sigma of the gaussian filter: voxels (one number or z,y,x) or a length with a unit ("0.5um").
         channel: Channel to filter when channels is empty.
         channels: Channels to filter: "0,2", "all", or a list; empty for channel.
         voxel_size: Voxel size z,y,x in µm ("2,0.406,0.406", or with a unit) for inputs without NGFF metadata.
@@ -76,7 +82,7 @@ def dog_filter(
     if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
         return _no_dataset(logger)
     spec = _validate(request, logger)
-    with store.RunLock(spec.output_path, run_id=str(flow_run.get_id() or "")), \
+    with Output(spec.output_path).lock(run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or ""), \
             runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
@@ -96,10 +102,12 @@ def filter_positions(
     allow_missing_chunks: bool = False,
     already_done: int = 0,
     channels: Optional[list[list[int]]] = None,
-) -> list[dict[str, Any]]:
-    """Map :func:`tasks.position.filter_position` over ``positions`` (with their ``channels``) on this flow's task runner."""
+) -> list[PositionResult]:
+    """Map the filter's position task (:mod:`tasks.position`) over ``positions`` (with their ``channels``) on this
+    flow's task runner."""
     logger = get_run_logger()
-    task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    kind = str(params.get("filter", defaults.FILTER))
+    task = position_task(kind).with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
                        unmapped(allow_missing_chunks), channels or [[0]] * len(positions))
     outcomes.log_dashboard(logger)  # the runner's Dask client exists once the first task is submitted
@@ -112,7 +120,7 @@ def filter_positions(
         # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
         fut.wrapped_future.release()
         progress.step()
-    return sorted(rows, key=lambda r: r["position"])
+    return sorted(rows, key=lambda r: r.position)
 
 
 def _no_dataset(logger: logging.Logger):
@@ -131,23 +139,23 @@ def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
         raise
 
 
-def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[store.MarkerRow]]:
+def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[MarkerRow]]:
     """The channels of each selected position that are not complete (all of them with ``force``), and the
     state of every (position, channel); reads markers only, writes nothing."""
     ds = open_dataset(spec.input_path, check=False)  # validated: open only the images used
-    rows = store.scan(spec.output_path, ds, spec.params, spec.positions, spec.channels)
+    rows = Output(spec.output_path).markers.scan(ds, spec.params, spec.positions, spec.channels)
     pending: dict[int, list[int]] = {}
     for r in rows:
-        if spec.request.force or r.state != "complete":
+        if spec.request.force or r.state is not MarkerState.COMPLETE:
             pending.setdefault(r.position, []).append(r.channel)
     return pending, rows
 
 
 def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
     """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
-    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+    Output(spec.output_path).prepare(spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
     pending, rows = pending_work(spec)
-    stale = [r for r in rows if r.state == "stale"]
+    stale = [r for r in rows if r.state is MarkerState.STALE]
     skipped = len(spec.positions) - len(pending)
     logger.info(
         "%d position(s) selected of %d, channels %s: %d to filter (%d channel(s) stale), %d complete and unchanged; "
@@ -160,7 +168,7 @@ def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], 
     return pending, skipped
 
 
-def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dict[str, Any]]:
+def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[PositionResult]:
     """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending)."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
@@ -173,10 +181,10 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dic
     )
 
 
-def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: logging.Logger) -> dict[str, Any]:
+def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: logging.Logger) -> dict[str, Any]:
     summary = run_summary(spec, skipped, rows)
     failed = summary["failed"]
-    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows)
+    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, spec.params.kind)
     logger.info(
         "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
         summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
@@ -187,8 +195,9 @@ def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: 
     return summary
 
 
-def run_summary(spec: RunSpec, skipped: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run returns: counts, failed positions and one row per filtered position."""
-    failed = [r["position"] for r in rows if r["status"] != "completed"]
+def run_summary(spec: RunSpec, skipped: int, rows: list[PositionResult]) -> dict[str, Any]:
+    """What a run returns (plain JSON): counts, failed positions and one record per filtered position."""
+    failed = [r.position for r in rows if not r.completed]
     return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
-            "skipped": skipped, "failed": failed, "positions": rows}
+            "skipped": skipped, "failed": failed, "pairs": sum(len(r.channels) for r in rows if r.completed),
+            "positions": [r.as_dict() for r in rows]}

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-from tasks import store
+from tasks.filters import kind_named
+from tasks.output import Output
+from tasks.position import PositionResult
 
 _LISTENERS: list[Callable[[int, int], None]] = []
 
@@ -61,28 +63,29 @@ class Progress:
         announce(self.already_done + self.finished, self.total)
 
 
-def preview_artifact(output_path: str, position: int, channel: int) -> None:
-    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | DoG MIP)."""
+def preview_artifact(output_path: str, position: int, channel: int, kind: str) -> None:
+    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | filtered MIP)."""
     from prefect.artifacts import create_markdown_artifact
 
-    png = store.preview_path(output_path, position, channel)
-    if not png.exists():
+    out = Output(output_path)
+    png = out.read_preview(position, channel)
+    if png is None:
         return
-    data = base64.b64encode(png.read_bytes()).decode()
+    data = base64.b64encode(png).decode()
     create_markdown_artifact(
         key="dog-filter-preview",
         markdown=(
             f"# Position {position}, channel {channel}: max-intensity projection along z\n\n"
-            f"Left: input. Right: Difference of Gaussians. File: `{png}`\n\n"
+            f"Left: input. Right: {kind_named(kind).label}. File: `{out.path}/{out.preview_key(position, channel)}`\n\n"
             f"![position {position} preview](data:image/png;base64,{data})"
         ),
         description=f"MIP preview of position {position}",
     )
 
 
-def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> str:
-    done = sum(r["status"] == "completed" for r in rows)
-    failed = [r for r in rows if r["status"] != "completed"]
+def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[PositionResult]) -> str:
+    done = sum(r.completed for r in rows)
+    failed = [r for r in rows if not r.completed]
     lines = [
         "# dog-filter summary",
         "",
@@ -94,24 +97,24 @@ def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list
         "|---:|---|---|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        if r["status"] == "completed":
+        if r.completed:
             lines.append(
-                f"| {r['position']} | {','.join(map(str, r['channels']))} | completed | {r['seconds']:.1f} | {r['host']} | {r.get('slurm_job_id') or '-'} "
-                f"| {r['min']:.4g} | {r['max']:.4g} | {r['mean']:.4g} |"
+                f"| {r.position} | {','.join(map(str, r.channels))} | completed | {r.seconds:.1f} | {r.host} | {r.slurm_job_id or '-'} "
+                f"| {r.min:.4g} | {r.max:.4g} | {r.mean:.4g} |"
             )
         else:
-            lines.append(f"| {r['position']} | | **failed**: {r.get('error', '')} | | | | | | |")
+            lines.append(f"| {r.position} | | **failed**: {r.error} | | | | | | |")
     return "\n".join(lines)
 
 
-def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> None:
+def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[PositionResult], kind: str) -> None:
     """The summary table artifact, and the preview of the middle completed position."""
     from prefect.artifacts import create_markdown_artifact
 
-    done_rows = [r for r in rows if r["status"] == "completed"]
+    done_rows = [r for r in rows if r.completed]
     if done_rows:
         middle = done_rows[len(done_rows) // 2]
-        preview_artifact(output_path, middle["position"], middle["channels"][0])
+        preview_artifact(output_path, middle.position, middle.channels[0], kind)
     create_markdown_artifact(
         markdown=summary_markdown(input_path, output_path, skipped, rows),
         key="dog-filter-summary",

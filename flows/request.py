@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from flows import clusters, units
-from tasks import defaults, filters
+from flows import clusters
+from tasks import units
+from tasks import defaults, filters, pyramid
+from tasks.filters import FilterError, FilterParams
 from tasks.inputs import Dataset, open_dataset
-from tasks.store import FilterParams, OutputSpec, StoreError, check_output
+from tasks.output import Output, OutputSpec
+from tasks.storage import StoreError
 
 Sigma = Union[float, list[float], str]
 
@@ -125,6 +127,8 @@ class RunRequest:
 
     input_path: str
     output_path: str
+    filter: str = defaults.FILTER
+    sigma: Optional[Sigma] = None
     channel: int = 0
     channels: Union[str, list[int], None] = None
     voxel_size: Union[str, list[float], None] = None
@@ -147,7 +151,6 @@ class RunRequest:
 
     def validate(self) -> "RunSpec":
         """Check every parameter, the stores, the cluster profile and the memory plan; write nothing."""
-        truncate = self._truncate()
         self._choices()
         in_abs, out_abs = self._paths()
         if self.retries < 0 or self.retry_delay_seconds < 0:
@@ -156,57 +159,50 @@ class RunRequest:
             ds = open_dataset(in_abs)
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
-        voxel, (s_small, s_large) = self._sigmas(ds)
+        voxel, sigmas = self._sigmas(ds)
         channels = parse_channels(self.channels, ds.n_channels, self.channel)
         if ds.n_positions == 0:
             raise ParameterError(f"input has no positions: {self.input_path}")
         positions = parse_positions(self.positions, ds.n_positions)
-        params = FilterParams(input_path=in_abs, sigma_small=s_small.voxels, sigma_large=s_large.voxels,
-                              truncate=truncate, mode=self.mode, output_dtype=self.output_dtype)
-        physical = {f"{n}_um": list(s.micrometers) for n, s in (("sigma_small", s_small), ("sigma_large", s_large))
-                    if s.micrometers is not None}
+        kind = filters.kind_named(self.filter)
+        try:
+            settings = kind(**{n: s.voxels for n, s in sigmas.items()}, truncate=self.truncate, mode=self.mode).check()
+        except FilterError as exc:
+            raise ParameterError(str(exc)) from None
+        params = FilterParams(in_abs, settings, self.output_dtype)
+        physical = {f"{n}_um": list(s.micrometers) for n, s in sigmas.items() if s.micrometers is not None}
         output = OutputSpec.for_dataset(params, ds, voxel.values if voxel else None, voxel.unit if voxel else None,
                                         physical=physical)
         try:
-            check_output(out_abs, output, self.overwrite)
+            Output(out_abs).check(output, self.overwrite)
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
-        need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, self.output_dtype)
+        need = filters.memory_per_task(kind.kind, ds.shape, ds.dtype, self.output_dtype)
         profile = _profile(self.cluster, need)
         return RunSpec(self, in_abs, out_abs, (ds.n_positions, ds.n_channels, *ds.shape), str(ds.dtype),
                        tuple(positions), tuple(channels), params, output, profile, need)
 
-    def _sigmas(self, ds: Dataset) -> tuple[Optional[units.Lengths], tuple[units.Sigma, units.Sigma]]:
-        """The voxel size (metadata, or ``voxel_size``) and both σ in voxels (from voxels or a length)."""
+    def _sigmas(self, ds: Dataset) -> tuple[Optional[units.Lengths], dict[str, units.Sigma]]:
+        """The voxel size (metadata, or ``voxel_size``) and the filter's σ in voxels (from voxels or a length),
+        by parameter name."""
+        given = {"sigma": self.sigma} if self.filter == filters.Gaussian.kind else {
+            "sigma_small": self.sigma_small, "sigma_large": self.sigma_large}
+        if any(v is None for v in given.values()):
+            raise ParameterError(f"the {self.filter} filter needs {' and '.join('--' + n.replace('_', '-') for n in given)}")
         try:
             voxel = units.resolve_voxel_size(self.voxel_size, ds.voxel_size, ds.unit)
-            s_small = units.sigma_in_voxels(self.sigma_small, voxel, "sigma_small")
-            s_large = units.sigma_in_voxels(self.sigma_large, voxel, "sigma_large")
+            return voxel, {n: units.sigma_in_voxels(v, voxel, n) for n, v in given.items()}
         except units.UnitError as exc:
             raise ParameterError(str(exc)) from None
-        bad_axes = [ax for ax, a, b in zip("zyx", s_small.voxels, s_large.voxels) if a >= b]
-        if bad_axes:
-            raise ParameterError(
-                f"sigma_small must be smaller than sigma_large on every axis (not on {','.join(bad_axes)}): "
-                f"{list(s_small.voxels)} vs {list(s_large.voxels)} voxels"
-            )
-        return voxel, (s_small, s_large)
-
-    def _truncate(self) -> float:
-        try:
-            truncate = float(self.truncate)
-        except (TypeError, ValueError):
-            raise ParameterError(f"truncate must be a number > 0, got {self.truncate!r}") from None
-        if not (math.isfinite(truncate) and truncate > 0):
-            raise ParameterError(f"truncate must be > 0, got {self.truncate!r}")
-        return truncate
 
     def _choices(self) -> None:
-        if self.mode not in defaults.MODES:
-            raise ParameterError(f"unknown mode {self.mode!r}; choose one of {', '.join(defaults.MODES)}")
-        if self.output_dtype not in defaults.OUTPUT_DTYPES:
-            raise ParameterError(
-                f"unknown output dtype {self.output_dtype!r}; choose one of {', '.join(defaults.OUTPUT_DTYPES)}")
+        try:
+            filters.kind_named(self.filter)
+            filters.check_mode(self.mode)
+            filters.check_truncate(self.truncate)
+            pyramid.check_output_dtype(self.output_dtype)
+        except (FilterError, StoreError) as exc:
+            raise ParameterError(str(exc)) from None
 
     def _paths(self) -> tuple[str, str]:
         if not self.input_path:

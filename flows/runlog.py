@@ -1,7 +1,7 @@
 """Where a run's log lines go.
 
 - The run log file (:func:`capture`): every INFO line of Prefect and Dask in this process, for this run,
-  in the file that :func:`tasks.store.run_log_path` names (next to the output, or in ``$DOGFLOW_LOG_DIR``).
+  in the file that :meth:`tasks.output.Output.log_path` names (next to the output, or in ``$DOGFLOW_LOG_DIR``).
 - The terminal (:func:`quiet_terminal`): ``dogflow run`` shows only warnings and errors of Prefect and
   Dask (plus its own progress bar and summary line); ``-v`` shows their INFO lines too. Dask worker
   processes inherit the setting through the environment.
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tasks import store
+from tasks.output import Output
 
 LOGGERS = ("prefect", "distributed")
 TERMINAL_LEVEL = "DOGFLOW_TERMINAL_LOG_LEVEL"
@@ -25,8 +25,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @contextlib.contextmanager
 def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
     """Copy this run's Prefect and Dask log lines (INFO and up) into the run log file; yields its path."""
-    path = store.run_log_path(output_path, run_name or "run", os.environ.get("SLURM_JOB_ID"),
-                              folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
+    path = Output(output_path).log_path(run_name or "run", os.environ.get("SLURM_JOB_ID"),
+                                        folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
     handler = _FileLog(path)
     for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)

@@ -98,16 +98,18 @@ def test_bad_parameters(inp, tmp_path, extra, expect):
 
 def _existing_output(inp, tmp_path, shape_zyx=None):
     """A real dogflow output made by prepare_output (what a finished run leaves)."""
-    from tasks import store
+    from tasks.filters import DoG, FilterParams
+    from tasks.output import Output
     from tasks.inputs import open_dataset
 
-    params = store.FilterParams(str(Path(inp).resolve()), (1.0,) * 3, (3.0,) * 3, 4.0, "nearest", "float32")
+    params = FilterParams(str(Path(inp).resolve()), DoG((1.0,) * 3, (3.0,) * 3, 4.0, "nearest"), "float32")
     ds = open_dataset(inp)
     out = tmp_path / "exists.zarr"
-    store.prepare_output(out, store.OutputSpec(params, ds.n_positions, ds.n_channels, shape_zyx or ds.shape),
-                         channels=[0])
-    store.write_levels(out, 0, 0, np.ones(shape_zyx or ds.shape, dtype=np.float32), "float32")
-    store.write_marker(out, 0, 0, {"position": 0})
+    from tasks.output import OutputSpec
+
+    Output(out).prepare(OutputSpec(params, ds.n_positions, ds.n_channels, shape_zyx or ds.shape), channels=[0])
+    Output(out).write_levels(0, 0, np.ones(shape_zyx or ds.shape, dtype=np.float32), "float32")
+    Output(out).markers.write(0, 0, {"position": 0})
     return out
 
 
@@ -156,13 +158,13 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
     assert st.returncode == 0
     assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout
     # the same run again: nothing to do, said at once (no temporary Prefect server), nothing rewritten
-    from tasks import store
+    from tasks.output import Output
 
-    before = {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)}
+    before = {pc: Output(out).markers.read(*pc)["finished"] for pc in Output(out).markers.marked()}
     again = run_cli("run", inp, out, "--channel", "1", "--fwhm-small", "2.5,4,4", "--fwhm-large", "6,12,10")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 position(s) filtered, 3 already complete" in again.stdout and again.stderr == ""
-    assert {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)} == before
+    assert {pc: Output(out).markers.read(*pc)["finished"] for pc in Output(out).markers.marked()} == before
 
 
 def test_plan_prints_job_script_and_memory_without_submitting(sample):

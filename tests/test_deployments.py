@@ -23,7 +23,8 @@ import zarr
 
 from conftest import ROOT, assert_output_exact
 from flows.sample import make_sample, sample_volume
-from tasks import store
+from tasks.markers import Markers
+from tasks.output import Output
 from prefect_services import (
     POOL,
     PlainWorker,
@@ -63,12 +64,12 @@ def _sample(path: Path, positions: int, seed: int) -> Path:
 
 
 def _assert_output_exact(inp: Path, out: Path, ss=SS, sl=SL, channel=CHANNEL) -> None:
-    assert store.read_provenance(out)["shape"][0] == zarr.open_array(str(inp), mode="r").shape[0]
+    assert Output(out).provenance()["shape"][0] == zarr.open_array(str(inp), mode="r").shape[0]
     assert_output_exact(out, inp, ss, sl, channel=channel, marked=False)
 
 
 def _marker_mtimes(out: Path) -> dict[int, int]:
-    return {p: store.marker_path(out, p, c).stat().st_mtime_ns for p, c in store.marked(out)}
+    return {p: (Path(out) / Markers.key(p, c)).stat().st_mtime_ns for p, c in Output(out).markers.marked()}
 
 
 class Site:

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from conftest import is_populated_mapping, reference_dog, reference_gaussian, tolerance
-from flows.sample import random_volume
+from datasets import random_volume
+from tasks.testing import traced_peak
 from tasks import buffers, defaults, dog
 
 SEED_SMALL, SEED_LARGE = defaults.SEED_SIGMA_SMALL, defaults.SEED_SIGMA_LARGE
@@ -307,7 +308,7 @@ def test_measured_peak_below_bound(dtype, threads):
     shape = (40, 160, 176)
     v = random_volume(shape, dtype, 4)
     dog.difference_of_gaussians(v[:4, :20, :20], 2, 8, threads=2)   # warm caches outside the trace
-    out, peak = buffers.traced_peak(lambda: dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads))
+    out, peak = traced_peak(lambda: dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads))
     bound = dog.peak_memory_bytes(shape, dtype, threads=threads)
     assert out.shape == shape and out.dtype == np.float32
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.sample import make_bioformats2raw
-from tasks import dog, store
+from datasets import make_bioformats2raw
+from tasks import dog
+from tasks.filters import DoG, FilterParams
+from tasks.output import Output, OutputSpec
 from tasks.inputs import open_dataset
 
 SHAPE = (5, 44, 38)
@@ -53,15 +55,15 @@ def test_output_opens_in_bioio_ome_zarr_and_validates(tmp_path):
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=3, shape=SHAPE)
     ds = open_dataset(inp)
-    params = store.FilterParams(str(inp), (1.0, 1.5, 1.5), (2.0, 3.0, 3.0), 4.0, "nearest", "float32")
+    params = FilterParams(str(inp), DoG((1.0, 1.5, 1.5), (2.0, 3.0, 3.0), 4.0, "nearest"), "float32")
     out = tmp_path / "out.zarr"
-    spec = store.OutputSpec.for_dataset(params, ds, max_plane=20)
-    store.prepare_output(out, spec, channels=[0, 2])
+    spec = OutputSpec.for_dataset(params, ds, max_plane=20)
+    Output(out).prepare(spec, channels=[0, 2])
     expected = {}
     for p in range(2):
         for c in (0, 2):
-            expected[p, c] = dog.difference_of_gaussians(ds.read(p, c), params.sigma_small, params.sigma_large)
-            store.write_levels(out, p, c, expected[p, c], "float32")
+            expected[p, c] = params.apply(ds.read(p, c), threads=1)
+            Output(out).write_levels(p, c, expected[p, c], "float32")
     assert spec.levels == [SHAPE, (5, 22, 19), (5, 11, 10)]
     check_with_readers(out, 2, 3, spec.levels, (2.0, 0.406, 0.406), lambda p, c: expected.get((p, c)))
     # the one-line numpy access the README documents

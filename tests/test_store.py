@@ -15,8 +15,14 @@ import pytest
 import zarr
 
 from conftest import is_populated_mapping
-from flows.sample import make_bioformats2raw
-from tasks import buffers, store
+from datasets import make_bioformats2raw
+from tasks.testing import traced_peak
+from tasks import buffers, markers, output, pyramid
+from tasks.filters import DoG, FilterParams
+from tasks.lock import LOCK_KEY, RunLock, RunLockedError
+from tasks.markers import MarkerState, Markers
+from tasks.output import Output, OutputSpec, level_path
+from tasks.storage import StoreError
 from tasks.inputs import open_dataset
 
 
@@ -24,25 +30,26 @@ def _params(inp, **kw):
     d = dict(input_path=str(inp), sigma_small=(1.0,) * 3, sigma_large=(2.0,) * 3, truncate=4.0, mode="nearest",
              output_dtype="float32")
     d.update(kw)
-    return store.FilterParams(**d)
+    return FilterParams(d.pop("input_path"), DoG(d["sigma_small"], d["sigma_large"], d["truncate"], d["mode"]),
+                        d["output_dtype"])
 
 
-def _spec(inp, max_plane=store.PYRAMID_MAX_PLANE, **kw):
-    return store.OutputSpec.for_dataset(_params(inp, **kw), open_dataset(inp), max_plane=max_plane)
+def _spec(inp, max_plane=pyramid.PYRAMID_MAX_PLANE, **kw):
+    return OutputSpec.for_dataset(_params(inp, **kw), open_dataset(inp), max_plane=max_plane)
 
 
 def test_uint16_policy_rounds_and_clips():
     x = np.array([-70000.0, -3.2, -0.5, 0.4, 0.5, 1.5, 2.5, 65534.6, 70000.0])
-    out = store.to_output_dtype(x, "uint16")
+    out = pyramid.to_output_dtype(x, "uint16")
     assert out.dtype == np.uint16
     assert out.tolist() == [0, 0, 0, 0, 0, 2, 2, 65535, 65535]  # half to even; negatives never wrap
 
 
 def test_level_shapes_halve_until_the_plane_fits():
-    assert store.level_shapes((413, 2048, 2048)) == [(413, 2048, 2048), (413, 1024, 1024)]
-    assert store.level_shapes((10, 5000, 300)) == [(10, 5000, 300), (10, 2500, 150), (10, 1250, 75), (10, 625, 38)]
-    assert store.level_shapes((4, 1024, 10)) == [(4, 1024, 10)]
-    assert store.level_shapes((4, 41, 37), max_plane=10) == [(4, 41, 37), (4, 21, 19), (4, 11, 10), (4, 6, 5)]
+    assert pyramid.level_shapes((413, 2048, 2048)) == [(413, 2048, 2048), (413, 1024, 1024)]
+    assert pyramid.level_shapes((10, 5000, 300)) == [(10, 5000, 300), (10, 2500, 150), (10, 1250, 75), (10, 625, 38)]
+    assert pyramid.level_shapes((4, 1024, 10)) == [(4, 1024, 10)]
+    assert pyramid.level_shapes((4, 41, 37), max_plane=10) == [(4, 41, 37), (4, 21, 19), (4, 11, 10), (4, 6, 5)]
 
 
 def _mean_2x2(a):
@@ -56,7 +63,7 @@ def _mean_2x2(a):
 def test_pyramid_level_is_the_2x2_mean_of_the_level_above(shape):
     rng = np.random.default_rng(1)
     a = rng.normal(size=shape).astype(np.float32)
-    got = store.downsample_mean(a)
+    got = pyramid.downsample_mean(a)
     ref = _mean_2x2(a)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
@@ -68,7 +75,7 @@ def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monk
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=2, shape=(5, 19, 23), chunks=(2, 8, 8))
     ds = open_dataset(inp)
-    first = ds.stored_objects(1, 1)[0][1]   # chunk (0, 0, 0): planes 0-1, rows and columns 0-7
+    first = inp / ds.stored_objects(1, 1)[0]   # chunk (0, 0, 0): planes 0-1, rows and columns 0-7
     first.unlink()  # a missing chunk
     monkeypatch.setattr(buffers, "POPULATE_MIN", 1)
     v = ds.read(1, 1)
@@ -77,10 +84,10 @@ def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monk
     np.testing.assert_array_equal(v, want)
     assert not np.any(v[:2, :8, :8]) and np.all(v[2:] > 0)   # the missing chunk reads as the fill value, the rest is data
     f = v.astype(np.float32) - 7.5
-    lv = store.downsample_mean(f)
+    lv = pyramid.downsample_mean(f)
     assert is_populated_mapping(lv)
     np.testing.assert_allclose(lv, _mean_2x2(f), rtol=1e-6, atol=1e-5)
-    u = store.to_output_dtype(f, "uint16")
+    u = pyramid.to_output_dtype(f, "uint16")
     assert is_populated_mapping(u) and u.dtype == np.uint16
     np.testing.assert_array_equal(u, np.clip(np.rint(f), 0, 65535).astype(np.uint16))
 
@@ -90,19 +97,19 @@ def test_layout_v2_tree_and_ngff_metadata(tmp_path):
     make_bioformats2raw(inp, positions=2, channels=3, shape=(4, 41, 37))
     out = tmp_path / "o.zarr"
     spec = _spec(inp, max_plane=16)
-    prov = store.prepare_output(out, spec, channels=[2, 0])
+    prov = Output(out).prepare(spec, channels=[2, 0])
     assert prov["layout_version"] == 2 and prov["channels"] == [0, 2]
     assert prov["voxel_size"] == [2.0, 0.406, 0.406] and prov["unit"] == "micrometer"
-    assert prov["codec"] == store.CODEC and prov["input"]["layout"] == "bioformats2raw"
+    assert prov["codec"] == output.CODEC and prov["input"]["layout"] == "bioformats2raw"
     assert prov["levels"] == [[4, 41, 37], [4, 21, 19], [4, 11, 10]]
     for p in range(2):
-        assert store.n_levels(out, p) == 3
+        assert Output(out).n_levels(p) == 3
         for level, (z, y, x) in enumerate(prov["levels"]):
-            arr = store.open_level(out, p, level)
+            arr = Output(out).level(p, level)
             assert arr.shape == (3, z, y, x) and arr.metadata.dimension_names == ("c", "z", "y", "x")
             assert arr.chunks == (1, z, y, x) and arr.metadata.zarr_format == 3
             assert arr.compressors[0].to_dict()["configuration"]["cname"] == "lz4"
-            assert Path(arr.store_path.store.root) / arr.path == out / store.level_path(p, level)
+            assert Path(arr.store_path.store.root) / arr.path == out / level_path(p, level)
     ome = zarr.open_group(str(out), mode="r").attrs["ome"]
     assert ome["version"] == "0.5" and [m["name"] for m in ome["multiscales"]] == ["position 0", "position 1"]
     ms = ome["multiscales"][1]
@@ -119,15 +126,15 @@ def test_write_levels_writes_every_level_of_one_channel_only(tmp_path):
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=2, shape=(3, 30, 22))
     out = tmp_path / "o.zarr"
-    store.prepare_output(out, _spec(inp, max_plane=8), channels=[1])
+    Output(out).prepare(_spec(inp, max_plane=8), channels=[1])
     result = np.random.default_rng(0).normal(size=(3, 30, 22)).astype(np.float32)
-    assert store.write_levels(out, 1, 1, result, "float32") == 3
+    assert Output(out).write_levels(1, 1, result, "float32") == 3
     level = result
     for n in range(3):
-        arr = store.open_level(out, 1, n)
+        arr = Output(out).level(1, n)
         np.testing.assert_array_equal(arr[1], level)
         assert not np.any(arr[0])  # the other channel stays unwritten
-        level = store.downsample_mean(level)
+        level = pyramid.downsample_mean(level)
     assert not list((out / "0").rglob("c/*/*"))  # position 0 untouched: no chunk on disk
 
 
@@ -135,39 +142,38 @@ def test_uint16_levels_are_computed_in_float_then_cast(tmp_path):
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=1, channels=1, shape=(2, 6, 6))
     out = tmp_path / "o.zarr"
-    store.prepare_output(out, _spec(inp, max_plane=4, output_dtype="uint16"))
+    Output(out).prepare(_spec(inp, max_plane=4, output_dtype="uint16"))
     result = np.array([[[-4.0, 1.5, 2.5, 3.0, 0.4, 0.6]] * 6] * 2, dtype=np.float32)
-    store.write_levels(out, 0, 0, result, "uint16")
-    lv1 = store.open_level(out, 0, 1)[0]
+    Output(out).write_levels(0, 0, result, "uint16")
+    lv1 = Output(out).level(0, 1)[0]
     assert lv1.dtype == np.uint16
-    np.testing.assert_array_equal(lv1, store.to_output_dtype(store.downsample_mean(result), "uint16"))
+    np.testing.assert_array_equal(lv1, pyramid.to_output_dtype(pyramid.downsample_mean(result), "uint16"))
     assert lv1[0, 0].tolist() == [0, 3, 0]  # mean(-4, 1.5) = -1.25 -> 0; mean(2.5, 3) = 2.75 -> 3; 0.5 -> 0
 
 
 def test_markers_are_atomic_and_owned_per_position_and_channel(sample, tmp_path):
     out = tmp_path / "o.zarr"
     params = _params(sample)
-    store.prepare_output(out, _spec(sample))
-    assert store.read_marker(out, 0, 0) is None
+    Output(out).prepare(_spec(sample))
+    assert Output(out).markers.read(0, 0) is None
     # leftover temp file of a killed writer and a torn marker: neither counts as complete, neither breaks anything
-    m0, m1 = store.marker_path(out, 0, 1), store.marker_path(out, 1, 1)
+    m0, m1 = (Path(out) / Markers.key(0, 1)), (Path(out) / Markers.key(1, 1))
     m0.parent.mkdir(parents=True)
     m1.parent.mkdir(parents=True)
     (m0.parent / f".{m0.name}.host.123.tmp").write_text('{"position": 0')
     m1.write_text('{"position": 1, "input_fin')
-    assert store.read_marker(out, 0, 1) is None and store.read_marker(out, 1, 1) is None
-    record = store.marker_record(params, "abc", {"position": 0, "channel": 1, "seconds": 1.0})
-    store.write_marker(out, 0, 1, record)
-    key = store.expected_marker_key(params, "abc")
-    assert store.marker_state(store.read_marker(out, 0, 1), key) == "complete"
-    assert store.read_marker(out, 0, 0) is None  # per channel
-    other = store.expected_marker_key(_params(sample, sigma_large=(3.0,) * 3), "abc")
-    assert store.marker_state(store.read_marker(out, 0, 1), other) == "stale"
-    assert store.stale_reason(store.read_marker(out, 0, 1), other) == "parameters changed"
-    assert store.marker_state(None, key) == "missing"
-    assert store.marked(out) == [(0, 1), (1, 1)]
-    store.clear_marker(out, 0, 1)
-    assert store.read_marker(out, 0, 1) is None
+    assert Output(out).markers.read(0, 1) is None and Output(out).markers.read(1, 1) is None
+    record = markers.marker_record(params, "abc", {"position": 0, "channel": 1, "seconds": 1.0})
+    Output(out).markers.write(0, 1, record)
+    key = markers.expected_key(params, "abc")
+    assert markers.judge(Output(out).markers.read(0, 1), key) == (MarkerState.COMPLETE, "")
+    assert Output(out).markers.read(0, 0) is None  # per channel
+    other = markers.expected_key(_params(sample, sigma_large=(3.0,) * 3), "abc")
+    assert markers.judge(Output(out).markers.read(0, 1), other) == (MarkerState.STALE, "parameters changed")
+    assert markers.judge(None, key) == (MarkerState.MISSING, "")
+    assert Output(out).markers.marked() == [(0, 1), (1, 1)]
+    Output(out).markers.clear(0, 1)
+    assert Output(out).markers.read(0, 1) is None
 
 
 def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_path):
@@ -175,31 +181,31 @@ def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_p
     make_bioformats2raw(inp, positions=2, channels=2, shape=(4, 12, 10))
     out = tmp_path / "o.zarr"
     spec = _spec(inp)
-    assert store.check_output(out, spec, False) == "create"
-    store.prepare_output(out, spec, channels=[0])
-    assert store.check_output(out, spec, False) == "open"
-    with pytest.raises(store.StoreError, match=r"other parameters \(sigma_large"):
-        store.check_output(out, _spec(inp, sigma_large=(3.0,) * 3), False)
-    assert store.check_output(out, _spec(inp, sigma_large=(3.0,) * 3), True) == "overwrite"
-    moved = store.OutputSpec(spec.params, 2, 2, spec.shape, (1.0, 0.406, 0.406), "micrometer")
-    with pytest.raises(store.StoreError, match="another voxel size"):
-        store.check_output(out, moved, False)
-    with pytest.raises(store.StoreError, match=r"another shape \(c,z,y,x\)=\(2, 4, 12, 10\), input has \(3, 4, 12, 10\)"):
-        store.check_output(out, store.OutputSpec(spec.params, 2, 3, spec.shape, spec.voxel_size, spec.unit), False)
+    assert Output(out).check(spec, False) == "create"
+    Output(out).prepare(spec, channels=[0])
+    assert Output(out).check(spec, False) == "open"
+    with pytest.raises(StoreError, match=r"other parameters \(sigma_large"):
+        Output(out).check(_spec(inp, sigma_large=(3.0,) * 3), False)
+    assert Output(out).check(_spec(inp, sigma_large=(3.0,) * 3), True) == "overwrite"
+    moved = OutputSpec(spec.params, 2, 2, spec.shape, (1.0, 0.406, 0.406), "micrometer")
+    with pytest.raises(StoreError, match="another voxel size"):
+        Output(out).check(moved, False)
+    with pytest.raises(StoreError, match=r"another shape \(c,z,y,x\)=\(2, 4, 12, 10\), input has \(3, 4, 12, 10\)"):
+        Output(out).check(OutputSpec(spec.params, 2, 3, spec.shape, spec.voxel_size, spec.unit), False)
     # layout 1 (what dogflow wrote before): refused with what to do, recomputed into layout 2 with overwrite
     v1 = tmp_path / "v1.zarr"
     g = zarr.open_group(str(v1), mode="w")
     g.create_array("0", shape=(2, 4, 12, 10), chunks=(1, 4, 12, 10), dtype="float32")
     g.attrs["dogflow"] = {"layout_version": 1, "params": {}, "shape": [2, 4, 12, 10]}
-    v1_markers = store.marker_path(v1, 0, 0).parents[1]  # layout 1 kept one marker file per position here
+    v1_markers = (Path(v1) / Markers.key(0, 0)).parents[1]  # layout 1 kept one marker file per position here
     v1_markers.mkdir(parents=True)
     (v1_markers / "000000.json").write_text("{}")
-    with pytest.raises(store.StoreError) as info:
-        store.check_output(v1, spec, False)
+    with pytest.raises(StoreError) as info:
+        Output(v1).check(spec, False)
     msg = str(info.value)
     assert "old layout 1" in msg and "--overwrite" in msg and "new output path" in msg and "\n" not in msg
-    store.prepare_output(v1, spec, overwrite=True)
-    assert store.read_provenance(v1)["layout_version"] == 2 and store.open_level(v1, 1).shape == (2, 4, 12, 10)
+    Output(v1).prepare(spec, overwrite=True)
+    assert Output(v1).provenance()["layout_version"] == 2 and Output(v1).level(1).shape == (2, 4, 12, 10)
     assert not list(v1_markers.iterdir())
 
 
@@ -208,25 +214,25 @@ def test_params_digest_does_not_depend_on_channels_and_channels_accumulate(tmp_p
     make_bioformats2raw(inp, positions=1, channels=3, shape=(2, 8, 8))
     out = tmp_path / "o.zarr"
     spec = _spec(inp)
-    store.prepare_output(out, spec, channels=[0])
-    assert store.check_output(out, spec, False) == "open"  # another channel is not another parameter
-    prov = store.prepare_output(out, spec, channels=[2])
+    Output(out).prepare(spec, channels=[0])
+    assert Output(out).check(spec, False) == "open"  # another channel is not another parameter
+    prov = Output(out).prepare(spec, channels=[2])
     assert prov["channels"] == [0, 2]
-    assert store.read_provenance(out)["channels"] == [0, 2]
+    assert Output(out).provenance()["channels"] == [0, 2]
 
 
 def test_output_grows_with_the_input(tmp_path):
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=1, shape=(2, 8, 8))
     out = tmp_path / "o.zarr"
-    store.prepare_output(out, _spec(inp))
-    store.write_levels(out, 1, 0, np.ones((2, 8, 8), np.float32), "float32")
+    Output(out).prepare(_spec(inp))
+    Output(out).write_levels(1, 0, np.ones((2, 8, 8), np.float32), "float32")
     make_bioformats2raw(tmp_path / "more.zarr", positions=3, channels=1, shape=(2, 8, 8))
-    grown = store.OutputSpec(_params(inp), 3, 1, (2, 8, 8), (2.0, 0.406, 0.406), "micrometer")
-    prov = store.prepare_output(out, grown)
-    assert prov["shape"] == [3, 1, 2, 8, 8] and store.open_level(out, 2).shape == (1, 2, 8, 8)
+    grown = OutputSpec(_params(inp), 3, 1, (2, 8, 8), (2.0, 0.406, 0.406), "micrometer")
+    prov = Output(out).prepare(grown)
+    assert prov["shape"] == [3, 1, 2, 8, 8] and Output(out).level(2).shape == (1, 2, 8, 8)
     assert len(zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"]) == 3
-    assert store.open_level(out, 1)[0].min() == 1.0  # existing positions untouched
+    assert Output(out).level(1)[0].min() == 1.0  # existing positions untouched
 
 
 def test_status_rows_per_position_and_channel(tmp_path):
@@ -234,54 +240,62 @@ def test_status_rows_per_position_and_channel(tmp_path):
     make_bioformats2raw(inp, positions=2, channels=2, shape=(2, 8, 8))
     out = tmp_path / "o.zarr"
     params = _params(inp)
-    store.prepare_output(out, _spec(inp), channels=[1])
+    Output(out).prepare(_spec(inp), channels=[1])
     ds = open_dataset(inp)
-    store.write_marker(out, 0, 1, store.marker_record(params, store.input_fingerprint(ds, 0, 1), {"seconds": 1.0}))
-    store.write_marker(out, 1, 1, store.marker_record(params, "old-fingerprint", {"seconds": 1.0}))
-    st = store.status(out)
+    Output(out).markers.write(0, 1, markers.marker_record(params, ds.fingerprint(0, 1), {"seconds": 1.0}))
+    Output(out).markers.write(1, 1, markers.marker_record(params, "old-fingerprint", {"seconds": 1.0}))
+    st = Output(out).status()
     assert [(r.position, r.channel, r.state, r.reason) for r in st.rows] == [
         (0, 1, "complete", ""), (1, 1, "stale", "input changed")]
     assert st.counts() == {"complete": 1, "missing": 0, "stale": 1} and st.input_problem is None
-    with pytest.raises(store.StoreError, match="not a dogflow output"):
-        store.status(tmp_path / "nothing.zarr")
+    with pytest.raises(StoreError, match="^output not found: .*nothing.zarr$"):
+        Output(tmp_path / "nothing.zarr").status()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(StoreError, match="^not a dogflow output: .*other$"):
+        Output(tmp_path / "other").status()
+    (out / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="^corrupt output: its zarr.json is not valid JSON"):
+        Output(out).status()
 
 
 def test_run_log_path(tmp_path):
     out = tmp_path / "o.zarr"
-    assert store.run_log_path(out, "brave-fox") == out / store.META_GROUP / store.LOG_DIR / "brave-fox-local.log"
-    assert store.run_log_path(out, "run", "42").name == "run-42.log"
-    assert store.run_log_path(out, "x", folder=tmp_path / "L") == tmp_path / "L" / "x-local.log"
+    assert Output(out).log_path("brave-fox") == out / output.LOG_PREFIX / "brave-fox-local.log"
+    assert Output(out).log_path("run", "42").name == "run-42.log"
+    assert Output(out).log_path("x", folder=tmp_path / "L") == tmp_path / "L" / "x-local.log"
 
 
 def test_lock_is_exclusive_and_stale_after_owner_death(tmp_path):
     out = tmp_path / "o.zarr"
-    lock = store.RunLock(out, run_id="a").acquire()
-    with pytest.raises(store.RunLockedError, match="another dogflow run is writing to this output"):
-        store.RunLock(out, run_id="b").acquire()
+    lock_file = out / LOCK_KEY
+    lock = RunLock(out, run_id="a", run_name="brave-fox").acquire()
+    with pytest.raises(RunLockedError, match=r"another dogflow run is writing to this output: run brave-fox \(pid "):
+        RunLock(out, run_id="b").acquire()
     lock.release()
-    assert not lock.path.exists()
+    assert not lock_file.exists()
     # a lock left behind by a process that died (SIGKILL: no cleanup) is stale and taken over
-    code = f"from tasks import store; import os; store.RunLock({str(out)!r}, run_id='dead').acquire(); os._exit(0)"
+    code = f"from tasks.lock import RunLock; import os; RunLock({str(out)!r}, run_id='dead').acquire(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert json.loads(lock.path.read_text())["run_id"] == "dead"
-    store.RunLock(out).check()  # stale: no error
-    taken = store.RunLock(out, run_id="c").acquire()
-    assert json.loads(taken.path.read_text())["run_id"] == "c"
+    assert json.loads(lock_file.read_text())["run_id"] == "dead"
+    RunLock(out).check()  # stale: no error
+    taken = RunLock(out, run_id="c").acquire()
+    assert json.loads(lock_file.read_text())["run_id"] == "c"
     taken.release()
 
 
 def test_lock_heartbeat_keeps_it_fresh(tmp_path):
-    lock = store.RunLock(tmp_path / "o.zarr", stale_after=4.0).acquire()
-    old = lock.path.stat().st_mtime
+    lock = RunLock(tmp_path / "o.zarr", stale_after=4.0).acquire()
+    lock_file = tmp_path / "o.zarr" / LOCK_KEY
+    old = lock_file.stat().st_mtime
     time.sleep(2.5)
-    assert lock.path.stat().st_mtime > old
+    assert lock_file.stat().st_mtime > old
     lock.release()
 
 
 @pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
 def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dtype):
     """write_levels (every pyramid level, the uint16 cast) measured with tracemalloc stays within
-    store.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
+    pyramid.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
     import dataclasses
 
     from conftest import volume_dataset
@@ -293,19 +307,19 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     volume_dataset(inp, positions=1, shape=(2, 8, 8))
     spec = RunRequest(str(inp), str(out), output_dtype=output_dtype).validate()
     output = dataclasses.replace(spec.output, shape=zyx, max_plane=64)
-    store.prepare_output(out, output, channels=[0])
+    Output(out).prepare(output, channels=[0])
     assert len(output.levels) == 4
     result = np.random.default_rng(0).normal(100, 50, zyx).astype(np.float32)
-    store.write_levels(out, 0, 0, result, output_dtype)  # warm up
+    Output(out).write_levels(0, 0, result, output_dtype)  # warm up
     # zarr's chunks in flight are the runtime allowance's part of the plan; one at a time here, so that the
     # arrays' own peak shows. One chunk in flight is its copy and its encoded bytes, and the previous chunk's
     # encoded bytes until zarr drops them: float32 level 0 measured 1.4-2.3 chunks above the bound (under load
     # too), the arrays below level 0 not allocated yet
     chunk = 40 * 256 * 256 * 4
     with zarr.config.set({"async.concurrency": 1}):
-        _, extra = buffers.traced_peak(lambda: store.write_levels(out, 0, 0, result, output_dtype))
-    bound = store.write_peak_bytes(zyx, output_dtype)
+        _, extra = traced_peak(lambda: Output(out).write_levels(0, 0, result, output_dtype))
+    bound = pyramid.write_peak_bytes(zyx, output_dtype)
     assert result.nbytes + extra <= bound + 3 * chunk, (result.nbytes + extra, bound)
-    assert np.array_equal(store.open_level(out, 0)[0], store.to_output_dtype(result, output_dtype))
-    plan = filters.memory_per_task(filters.DOG, zyx, np.uint16, output_dtype)
+    assert np.array_equal(Output(out).level(0)[0], pyramid.to_output_dtype(result, output_dtype))
+    plan = filters.memory_per_task("dog", zyx, np.uint16, output_dtype)
     assert plan >= 1.1 * bound + filters.RUNTIME_OVERHEAD

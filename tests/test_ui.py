@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_output_exact
 from flows.clusters import shipped_profiles
 from flows.sample import make_sample
-from tasks import store
+from tasks.output import Output
 from prefect_services import ROOT, PrefectServer, Worker, deploy, flow_run_logs, require, wait_flow_run
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(600)]
@@ -149,7 +149,7 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     finally:
         page.close()
 
-    assert store.read_provenance(out)["shape"] == [2, 2, 8, 32, 32]
+    assert Output(out).provenance()["shape"] == [2, 2, 8, 32, 32]
     assert_output_exact(out, inp, 1.2, 2.75, channel=1)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_exact, reference_dog
-from flows import units
+from tasks import units
 from tasks import dog
 
 VS = units.Lengths((2.0, 0.5, 0.25), "micrometer")  # anisotropic, like light-sheet data
