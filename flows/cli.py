@@ -51,7 +51,7 @@ def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
     """
     from flows.api import prefect_api
     from flows.request import ParameterError, handing_over
-    from tasks.store import RunLock, RunLockedError
+    from tasks.lock import RunLock, RunLockedError
 
     try:
         spec = request.validate()

@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from datasets import make_bioformats2raw
-from tasks import dog
+
 from tasks.filters import DoG, FilterParams
 from tasks.output import Output, OutputSpec
 from tasks.inputs import open_dataset

@@ -27,7 +27,7 @@ import pytest
 from flows import clusters
 from flows.clusters.base import import_class
 from flows.sample import make_sample
-from tasks.store import read_marker
+from tasks.output import Output
 
 from conftest import ROOT, assert_output_exact, run_cli
 
@@ -139,7 +139,7 @@ def _assert_output_exact(inp, out, channel=1, sigma_small=SIGMA_SMALL, sigma_lar
 
 
 def _marker_jobs(out, positions: int, channel: int = 1) -> list[str | None]:
-    return [read_marker(str(out), p, channel).get("slurm_job_id") for p in range(positions)]
+    return [Output(out).markers.read(p, channel).get("slurm_job_id") for p in range(positions)]
 
 
 def _log_dir(profile: Path) -> Path:
@@ -173,7 +173,7 @@ def test_run_on_slurm_worker_jobs_with_tls(small, tmp_path):
     ran_in = set(jobs)
     assert ran_in <= watch.seen - before, f"markers name jobs {ran_in}, squeue showed {watch.seen - before}"
     assert 1 <= watch.max_concurrent <= 2
-    assert all(read_marker(str(out), p, 1)["host"] for p in range(4))
+    assert all(Output(out).markers.read(p, 1)["host"] for p in range(4))
     # ... and are gone once the run is over.
     assert not after, f"worker jobs left in the queue after the run: {after}"
 
@@ -328,10 +328,10 @@ def test_scancel_one_worker_mid_run(tmp_path):
         # As soon as the first position is complete, cancel the job that filtered it (it is busy with the next).
         while not done.is_set():
             for p in range(P):
-                marker = read_marker(str(out), p, 0)
+                marker = Output(out).markers.read(p, 0)
                 if marker and marker.get("slurm_job_id"):
                     killed["job"] = marker["slurm_job_id"]
-                    killed["markers"] = sum(read_marker(str(out), q, 0) is not None for q in range(P))
+                    killed["markers"] = sum(Output(out).markers.read(q, 0) is not None for q in range(P))
                     subprocess.run(["scancel", killed["job"]], capture_output=True, timeout=30)
                     return
             time.sleep(0.05)

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
+from flows.clusters import tls
 from flows.clusters.base import ClusterProfile, ProfileError, parse_bytes
 
 # Keys of the jobqueue classes that dogflow sets itself or that make no sense in a profile.
@@ -122,11 +123,7 @@ class JobqueueProfile(ClusterProfile):
     def setup_tls(self) -> None:
         """TLS by default: dask-jobqueue writes temporary certificates into ``shared_temp_directory``."""
         d = self.kwargs
-        d.setdefault("security", True)
-        if d["security"] is False:
-            warnings.warn(f"{self.name}: TLS is off (security: false); scheduler and workers talk in plain TCP",
-                          stacklevel=4)
-        elif d["security"] is True:
+        if tls.security_setting(d, self.name, "scheduler and workers", allow_objects=True) is True:
             d.setdefault("shared_temp_directory", "~/.dogflow/tls")
         # folders the flow process creates: expand ~ and $VARS here (local_directory is left to the job's shell)
         for key in ("log_directory", "shared_temp_directory"):
