@@ -18,7 +18,6 @@ import contextvars
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from flows import clusters
@@ -27,7 +26,7 @@ from tasks import defaults, filters, pyramid
 from tasks.filters import FilterError, FilterParams
 from tasks.inputs import Dataset, open_dataset
 from tasks.output import Output, OutputSpec
-from tasks.storage import StoreError
+from tasks.storage import StoreError, is_url
 
 Sigma = Union[float, list[float], str]
 
@@ -209,11 +208,17 @@ class RunRequest:
             raise ParameterError("input path is empty")
         if not self.output_path:
             raise ParameterError("output path is empty")
-        in_abs = os.path.abspath(os.path.expanduser(str(self.input_path)))
-        out_abs = os.path.abspath(os.path.expanduser(str(self.output_path)))
-        if in_abs == out_abs or Path(out_abs).is_relative_to(in_abs):
+        in_abs, out_abs = _location(self.input_path), _location(self.output_path)
+        if in_abs == out_abs or out_abs.startswith(in_abs.rstrip("/") + "/"):
             raise ParameterError(f"output path must not be the input or lie inside it: {self.output_path}")
         return in_abs, out_abs
+
+
+def _location(text: str) -> str:
+    """An absolute path, or an object-store URL as given (without a trailing slash)."""
+    if is_url(text):
+        return str(text).rstrip("/")
+    return os.path.abspath(os.path.expanduser(str(text)))
 
 
 def _profile(name: str, need_bytes: int) -> Any:

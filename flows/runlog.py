@@ -25,8 +25,9 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @contextlib.contextmanager
 def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
     """Copy this run's Prefect and Dask log lines (INFO and up) into the run log file; yields its path."""
-    path = Output(output_path).log_path(run_name or "run", os.environ.get("SLURM_JOB_ID"),
-                                        folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
+    out = Output(output_path)
+    path = out.log_path(run_name or "run", os.environ.get("SLURM_JOB_ID"),
+                        folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
     handler = _FileLog(path)
     for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
@@ -36,6 +37,8 @@ def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        if not os.environ.get("DOGFLOW_LOG_DIR"):
+            out.keep_log(path)
 
 
 class _FileLog(logging.Handler):

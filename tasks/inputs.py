@@ -196,7 +196,7 @@ class Dataset:
 
     def missing_objects(self, position: int, channel: int) -> list[str]:
         """Keys of the stored objects of ``(position, channel)`` that are not in the store."""
-        return [key for key, _ in self._objects(position, channel) if not self.storage.exists(key)]
+        return [key for key, st in self.storage.stat_many(self.stored_objects(position, channel)).items() if st is None]
 
     def find_unreadable_chunk(self, position: int, channel: int) -> tuple[str, str] | None:
         """Decode each chunk of ``(position, channel)`` alone; (name, error) of the first that fails, or None."""
@@ -220,8 +220,7 @@ class Dataset:
         im, _ = self._locate(position, channel)
         h = hashlib.sha256()
         h.update(json.dumps([list(self.shape), str(self.dtype), list(_grid(im.array)[-3:])]).encode())
-        for name in self.stored_objects(position, channel):
-            st = self.storage.stat(name)
+        for name, st in self.storage.stat_many(self.stored_objects(position, channel)).items():
             h.update((f"{name}\0{st.size}\0{st.version}\n" if st else f"{name}\0-1\0-1\n").encode())
         return h.hexdigest()[:32]
 
@@ -239,7 +238,7 @@ def open_dataset(path: str | os.PathLike, check: bool = True) -> Dataset:
     if not storage.exists():
         raise StoreError(f"input not found: {path}")
     try:
-        node = zarr.open(storage.zarr_path(), mode="r")
+        node = zarr.open(storage.zarr_store(read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for "not a store"
         raise StoreError(f"input is not a Zarr array or group: {path} ({type(exc).__name__}: {exc})") from None
     if isinstance(node, zarr.Array):

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from tasks.storage import Storage, StoreError, age_seconds, open_storage
@@ -37,10 +38,12 @@ class RunLock:
     """An exclusive, crash-safe lock on one output store.
 
     The lock is the object ``OUTPUT/dogflow/run.lock``, created only if absent
-    (:meth:`tasks.storage.Storage.create_exclusive`). It records host, pid, start time, run id and run name.
-    A lock whose owner is gone (same host and the pid no longer runs, or its heartbeat is older than
-    ``stale_after`` seconds) is stale and is taken over. While held, a thread renews its modification time
-    (the heartbeat) every ``stale_after / 4`` seconds, at most every 30 s.
+    (:meth:`tasks.storage.Storage.create_exclusive`: ``O_EXCL`` on a filesystem, ``If-None-Match: *`` on S3).
+    It records host, pid, start time, run id and run name. A lock whose owner is gone (same host and the pid
+    no longer runs, or its heartbeat is older than ``stale_after`` seconds) is stale and is taken over by a
+    replacement conditional on the stale lock's version (:meth:`tasks.storage.Storage.replace_if`), so of two
+    takers only one wins. While held, a thread renews it (the heartbeat, conditional on the version it last
+    wrote: :meth:`tasks.storage.Storage.refresh`) every ``stale_after / 4`` seconds, at most every 30 s.
     """
 
     def __init__(self, out: str | os.PathLike | Storage, run_id: str = "", run_name: str = "",
@@ -50,6 +53,9 @@ class RunLock:
         self.run_name = run_name
         self.stale_after = stale_after
         self.held = False
+        self.lost = False  # another run took the lock over (this one's heartbeat stopped for too long)
+        self._record = ""
+        self._version = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,8 +71,8 @@ class RunLock:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    def _is_stale(self, owner: dict[str, Any] | None) -> bool:
-        st = self.storage.stat(LOCK_KEY)
+    def _is_stale(self, owner: dict[str, Any] | None, st=None) -> bool:
+        st = st or self.storage.stat(LOCK_KEY)
         if st is None:
             return True
         if owner is None:
@@ -91,13 +97,21 @@ class RunLock:
         raise RunLockedError(f"another dogflow run is writing to this output: {self.holder()}; lock: {self.location}")
 
     def acquire(self) -> "RunLock":
+        # the nonce makes every taker's record, and so its ETag on an object store, its own
         record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id,
-                             "run_name": self.run_name, "started": time.time()})
+                             "run_name": self.run_name, "started": time.time(), "nonce": uuid.uuid4().hex})
         for _ in range(3):
             if not self.storage.create_exclusive(LOCK_KEY, record):
-                if self.check():
-                    self.storage.delete(LOCK_KEY)
-                continue
+                st = self.storage.stat(LOCK_KEY)
+                if st is None:
+                    continue  # released meanwhile: try to create it again
+                if not self._is_stale(self.owner(), st):
+                    self.check()  # raises, naming the holder
+                    continue
+                if not self.storage.replace_if(LOCK_KEY, record, st.version):
+                    continue  # another taker won, or the owner came back: look again
+            st = self.storage.stat(LOCK_KEY)
+            self._record, self._version = record, st.version if st else ""
             self.held = True
             interval = max(1.0, min(30.0, self.stale_after / 4))
             self._thread = threading.Thread(target=self._beat, args=(interval,), daemon=True, name="dogflow-lock")
@@ -106,8 +120,12 @@ class RunLock:
         raise RunLockedError(f"could not take the run lock {self.location}")
 
     def heartbeat(self) -> None:
-        if self.held:
-            self.storage.touch(LOCK_KEY)
+        if self.held and not self.lost:
+            version = self.storage.refresh(LOCK_KEY, self._record, self._version)
+            if version is None:
+                self.lost = True
+            else:
+                self._version = version
 
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):

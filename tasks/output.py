@@ -182,7 +182,7 @@ class Output:
                 raise StoreError(f"corrupt output: its zarr.json is not a Zarr group: {self.path}")
             return dict((meta.get("attributes") or {}).get("dogflow") or {}) or None
         try:
-            g = zarr.open_group(self.storage.zarr_path(), mode="r")
+            g = zarr.open_group(self.storage.zarr_store(read_only=True), mode="r")
         except Exception:
             return None
         return dict(g.attrs.get("dogflow", {})) or None
@@ -209,7 +209,8 @@ class Output:
     def level(self, position: int, level: int = 0, mode: str = "r") -> zarr.Array:
         """One level array of one position, (C, Z, Y, X)."""
         try:
-            return zarr.open_array(self.storage.zarr_path(level_path(position, level)), mode=mode)  # type: ignore[arg-type]
+            return zarr.open_array(self.storage.zarr_store(level_path(position, level), read_only=mode == "r"),
+                                   mode=mode)  # type: ignore[arg-type]
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise StoreError(f"output has no level {level} of position {position}: {self.path} "
                              f"({type(exc).__name__})") from None
@@ -297,7 +298,7 @@ class Output:
             self._remove_old_content()
         if action in (PrepareAction.CREATE, PrepareAction.OVERWRITE):
             return self._create(spec, channels)
-        root = zarr.open_group(self.storage.zarr_path(), mode="a")
+        root = zarr.open_group(self.storage.zarr_store(), mode="a")
         attrs = root.attrs.asdict()
         prov, ome = dict(attrs["dogflow"]), dict(attrs["ome"])
         if spec.n_positions > prov["shape"][0]:
@@ -317,7 +318,7 @@ class Output:
         return prov
 
     def _create(self, spec: OutputSpec, channels: Iterable[int]) -> dict[str, Any]:
-        root = zarr.open_group(self.storage.zarr_path(), mode="a", zarr_format=3)
+        root = zarr.open_group(self.storage.zarr_store(), mode="a", zarr_format=3)
         for pos in range(spec.n_positions):
             _create_position(root, pos, spec)
         meta = root.require_group(META_GROUP)
@@ -379,12 +380,25 @@ class Output:
 
     def log_path(self, run_name: str, job_id: str | None = None, folder: str | os.PathLike | None = None) -> Path:
         """``OUTPUT/dogflow/logs/<run-name>-<SLURM_JOB_ID|local>.log`` (or that name in ``folder``); the folder is
-        created. A run log grows as the run goes, so it is a local file."""
+        created. A run log grows as the run goes, so it is a local file: for an output on an object store it is
+        written in a local temporary folder and copied next to the output by :meth:`keep_log`."""
         d = Path(folder) if folder else self.storage.local_path(LOG_PREFIX)
         if d is None:
-            raise StoreError(f"run logs of {self.path} need a local folder")
+            import tempfile
+
+            d = Path(tempfile.gettempdir()) / "dogflow-logs"
         d.mkdir(parents=True, exist_ok=True)
         return d / f"{run_name}-{job_id or 'local'}.log"
+
+    def log_key(self, log: Path) -> str:
+        return f"{LOG_PREFIX}/{log.name}"
+
+    def keep_log(self, log: Path) -> str:
+        """Where the run log ends up: the file itself on a filesystem; on an object store, a copy in the output."""
+        if self.storage.local_path(LOG_PREFIX) is not None or not log.exists():
+            return str(log)
+        self.storage.write_atomic(self.log_key(log), log.read_bytes())
+        return f"{self.path}/{self.log_key(log)}"
 
     def lock(self, run_id: str = "", run_name: str = "") -> RunLock:
         return RunLock(self.storage, run_id=run_id, run_name=run_name)

@@ -11,11 +11,11 @@ needs from it, by key (a ``/``-separated path relative to the root):
 - object versions for input fingerprints (:meth:`Storage.stat`: size and a version that changes on every
   rewrite).
 
-Zarr arrays themselves are read and written by zarr through :meth:`Storage.zarr_path`. The one
-implementation here is the local (or network-mounted) filesystem: ``fsync`` + ``os.replace``, ``O_EXCL``,
-``os.stat`` (the version is ``st_mtime_ns``). An object store implements the same methods with conditional
-puts and ETags. Nothing outside this module calls ``os.replace``, ``os.fsync``, ``os.stat`` or ``open`` on a
-dataset path.
+Zarr arrays themselves are read and written by zarr through :meth:`Storage.zarr_store`. Two
+implementations: :class:`LocalStorage`, the local (or network-mounted) filesystem (``fsync`` + ``os.replace``,
+``O_EXCL``, ``os.stat``; the version is ``st_mtime_ns``), and :class:`tasks.s3.S3Storage` for ``s3://`` URLs
+(conditional puts: ``If-None-Match: *`` creates, ``If-Match`` with the ETag replaces; the version is the ETag).
+Nothing outside these two modules calls ``os.replace``, ``os.fsync``, ``os.stat`` or ``open`` on a dataset path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class StoreError(ValueError):
@@ -48,8 +49,8 @@ class Storage:
 
     url: str
 
-    def zarr_path(self, key: str = "") -> str:
-        """What zarr opens for ``key`` (the root when empty)."""
+    def zarr_store(self, key: str = "", read_only: bool = False) -> Any:
+        """What zarr opens for ``key`` (the root when empty): a path, or a zarr store object."""
         raise NotImplementedError
 
     def exists(self, key: str = "") -> bool:
@@ -67,11 +68,21 @@ class Storage:
         """Create the object only if it does not exist; False (nothing written) if it does."""
         raise NotImplementedError
 
-    def touch(self, key: str) -> None:
-        """Renew the object's modification time (a lock's heartbeat); nothing if it is gone."""
+    def stat(self, key: str) -> ObjectStat | None:
         raise NotImplementedError
 
-    def stat(self, key: str) -> ObjectStat | None:
+    def stat_many(self, keys: list[str]) -> dict[str, ObjectStat | None]:
+        """:meth:`stat` of each key (an object store answers from one listing)."""
+        return {k: self.stat(k) for k in keys}
+
+    def replace_if(self, key: str, data: bytes | str, version: str) -> bool:
+        """Replace the object only if it is still at ``version`` (:attr:`ObjectStat.version`); False (nothing
+        written) if it changed or is gone. Of two callers with the same ``version``, at most one succeeds."""
+        raise NotImplementedError
+
+    def refresh(self, key: str, data: bytes | str, version: str) -> str | None:
+        """Renew an object this process owns (a lock's heartbeat) if it is still at ``version``; its new
+        version, or None if someone else changed or removed it."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
@@ -108,7 +119,7 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
 
-    def zarr_path(self, key: str = "") -> str:
+    def zarr_store(self, key: str = "", read_only: bool = False) -> str:
         return str(self._path(key))
 
     def local_path(self, key: str = "") -> Path:
@@ -147,9 +158,30 @@ class LocalStorage(Storage):
             fh.write(data.encode() if isinstance(data, str) else data)
         return True
 
-    def touch(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self._path(key))
+    def replace_if(self, key: str, data: bytes | str, version: str) -> bool:
+        # rename is atomic: of two takers only one moves the stale file aside; the version check then tells
+        # whether what it moved was still the stale one (else it is put back)
+        path = self._path(key)
+        aside = path.with_name(f".{path.name}.takeover.{socket.gethostname()}.{os.getpid()}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if str(os.stat(aside).st_mtime_ns) != version:
+            with contextlib.suppress(OSError):
+                os.link(aside, path)  # put it back unless someone created a new one meanwhile
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return self.create_exclusive(key, data)
+
+    def refresh(self, key: str, data: bytes | str, version: str) -> str | None:
+        st = self.stat(key)
+        if st is None or st.version != version:
+            return None
+        os.utime(self._path(key))
+        st = self.stat(key)
+        return st.version if st else None
 
     def stat(self, key: str) -> ObjectStat | None:
         try:
@@ -200,10 +232,19 @@ def open_storage(location: str | os.PathLike | Storage) -> Storage:
     if isinstance(location, Storage):
         return location
     text = str(location)
+    if text.startswith("s3://"):
+        from tasks.s3 import S3Storage
+
+        return S3Storage(text)
     if "://" in text and not text.startswith("file://"):
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"unsupported storage scheme {scheme!r} in {text}: dogflow reads and writes local paths")
+        raise StoreError(f"unsupported storage scheme {scheme!r} in {text}: use a local path or s3://BUCKET/KEY")
     return LocalStorage(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether a dataset location names an object store (``s3://...``), not a path."""
+    return "://" in str(location) and not str(location).startswith("file://")
 
 
 def age_seconds(stat: ObjectStat) -> float:
