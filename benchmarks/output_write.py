@@ -10,6 +10,7 @@ volume. ``--codecs`` also compares candidate codecs on the same DoG volume (writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--shape", default="413,512,512")
     ap.add_argument("--max-plane", type=int, default=256, help="pyramid: levels until y,x <= this (default: 1 level)")
     ap.add_argument("--codecs", action="store_true")
+    ap.add_argument("--s3", action="store_true", help="also read and write the position through a local S3 server")
     a = ap.parse_args()
     shape = tuple(int(s) for s in a.shape.split(","))
     work = Path(tempfile.mkdtemp(prefix="dogflow-bench-"))
@@ -82,6 +84,8 @@ def main() -> None:
         print(f"peak traced memory of read+engine+preview+write: {peak / vol_bytes:.2f}x the float32 volume")
         if a.codecs:
             compare_codecs(work, ds.read(0, 0))
+        if a.s3:
+            compare_s3(work, inp, spec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -109,6 +113,60 @@ def compare_codecs(work: Path, volume: np.ndarray) -> None:
         r = time.perf_counter() - t0
         print(f"  {name:22s} write {w:5.2f} s  read {r:5.2f} s  ratio {result.nbytes / du(p):.2f}")
         shutil.rmtree(p)
+
+
+
+def compare_s3(work: Path, inp: Path, spec: OutputSpec, repeats: int = 3) -> None:
+    """Read the input volume and write every level of its result, on local disk and through a local S3-protocol
+    server (moto's server mode on 127.0.0.1), side by side; best of ``repeats`` wall seconds each."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    from tasks.s3 import S3Storage
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except Exception:
+                time.sleep(0.2)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=url,
+                          AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1")
+        urllib.request.urlopen(urllib.request.Request(f"{url}/bench", method="PUT")).read()
+        st = S3Storage("s3://bench/in.zarr")
+        for f in sorted(inp.rglob("*")):
+            if f.is_file():
+                st.write_atomic(f.relative_to(inp).as_posix(), f.read_bytes())
+        result = SEED.apply(open_dataset(inp).read(0, 0), threads=defaults.threads_per_task())
+        rows = {}
+        for name, src, dst in (("local disk", str(inp), str(work / "s3cmp.zarr")),
+                               ("S3 (moto, loopback)", "s3://bench/in.zarr", "s3://bench/out.zarr")):
+            o = Output(dst)
+            o.prepare(dataclasses.replace(spec, params=FilterParams(src, SEED, "float32")), overwrite=True, channels=[0])
+            reads, writes = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                open_dataset(src).read(0, 0)
+                reads.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                o.write_levels(0, 0, result, "float32")
+                writes.append(time.perf_counter() - t0)
+            rows[name] = (min(reads), min(writes))
+        base = rows["local disk"]
+        for name, (r, w) in rows.items():
+            print(f"  {name:20s} read {r:5.2f} s  write (all levels) {w:5.2f} s  "
+                  f"read+write {(r + w) / (base[0] + base[1]):.2f}x local disk")
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 if __name__ == "__main__":
