@@ -170,11 +170,12 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
     typer.echo(f"output: {output_path}  (P, C, Z, Y, X) {tuple(prov['shape'])}  levels {len(prov['levels'])}  "
                f"dogflow {prov.get('version')}, layout {prov['layout_version']}")
     for k, v in st.params.as_dict().items():
-        typer.echo(f"  {k}: {v}")
+        typer.echo(f"  {k}: {_sigma_words(v) if k.startswith('sigma') else v}")
     for k in ("sigma_small_um", "sigma_large_um"):
         if k in prov["params"]:
-            typer.echo(f"  {k}: {prov['params'][k]}")
-    typer.echo(f"  voxel_size: {prov.get('voxel_size')} {prov.get('unit') or ''}".rstrip())
+            typer.echo(f"  {k}: {_sigma_words(prov['params'][k], 'um')}")
+    vs = prov.get("voxel_size")
+    typer.echo(f"  voxel_size: {units.format_lengths(vs) if vs else None} {prov.get('unit') or ''}".rstrip())
     if st.input_problem:
         typer.echo(f"  (input unavailable: {st.input_problem}; staleness not checked)")
     typer.echo("position  channel  state")
@@ -183,11 +184,17 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
         m = r.marker
         line = f"{r.position:8d}  {r.channel:7d}  {state:<24s}"
         if m:
-            line += (f"  σ {m['params']['sigma_small']} / {m['params']['sigma_large']}  {m.get('seconds', 0):.1f}s on "
+            line += (f"  σ {_sigma_words(m['params']['sigma_small'])} / {_sigma_words(m['params']['sigma_large'])}  "
+                     f"{m.get('seconds', 0):.1f}s on "
                      f"{m.get('host')}" + (f" job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""))
         typer.echo(line.rstrip())
     c = st.counts()
     typer.echo(f"{c['complete']} complete, {c['missing']} missing, {c['stale']} stale (of {len(st.rows)})")
+
+
+def _sigma_words(values, unit: str = "") -> str:
+    """σ as dogflow prints it everywhere: 4 significant digits, one value when the three are equal."""
+    return units.format_lengths(values, unit) if isinstance(values, (list, tuple)) else str(values)
 
 
 def main() -> None:
