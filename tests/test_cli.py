@@ -309,3 +309,22 @@ def test_prefect_prints_its_notice_to_a_new_user_unless_dogflow_quiets_it(tmp_pa
     code, screen = _on_a_terminal([sys.executable, "-c", "import flows.run; flows.run.quiet_prefect(); import prefect"],
                                   env, timeout=120)
     assert code == 0 and NOTICE not in screen, screen
+
+
+def test_allow_missing_chunks_on_the_command_line(sample, tmp_path):
+    """`--allow-missing-chunks` reads a missing input chunk as the fill value (0) instead of failing its position."""
+    from conftest import assert_exact
+    from tasks import store
+
+    arr = zarr.open_array(str(sample), mode="r")
+    volume = arr[0, 1].astype(np.float64)
+    chunk = sample / arr.metadata.encode_chunk_key((0, 1, 1, 0, 0))
+    chunk.unlink()
+    volume[5:10, 0:16, 0:16] = 0  # what the run reads there
+    out = tmp_path / "o.zarr"
+    res = run_cli("run", sample, out, "--channel", "1", "--positions", "0", "--sigma-small", "1", "--sigma-large", "2",
+                  "--allow-missing-chunks", "--retry-delay", "0", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 position(s) filtered" in res.stdout
+    assert store.read_marker(out, 0, 1) is not None
+    assert_exact(store.read_result(out, 0, 1), volume, 1.0, 2.0)

@@ -62,6 +62,11 @@ def test_rerun_skips_completed_work(prefect_api, sample, tmp_path):
     summary = state.result()
     assert summary["processed"] == 0 and summary["skipped"] == 3
     assert {p: store.read_marker(out, p, 1)["finished"] for p in range(3)} == before
+    # only the two paths (a nightly deployment's parameters): sigma and channel as the output was made
+    from flows.dog_filter import dog_filter
+
+    summary = dog_filter(input_path=str(sample), output_path=str(out), return_state=True).result()
+    assert summary["processed"] == 0 and summary["skipped"] == 3 and summary["selected"] == 3
     # force recomputes all of them
     summary = _run(sample, out, force=True).result()
     assert summary["processed"] == 3
