@@ -62,7 +62,7 @@ def _execute(request, show_progress: bool, verbose: bool) -> dict:
     try:
         return run_.execute(request, notice=lambda line: typer.echo(f"dogflow: {line}"),
                             progress=(lambda: _progress_bar(True)) if show_progress else None,
-                            checked=lambda: runlog.quiet_terminal(verbose))
+                            before_prefect=lambda: runlog.quiet_terminal(verbose))
     except ParameterError as exc:
         _fail(str(exc))
     except run_.RunFailed as exc:
@@ -97,7 +97,6 @@ def demo(
     from flows import api, runlog
 
     temporary_api = api.start_temporary_api()  # boots while the sample is written
-    runlog.quiet_terminal(False)
     from flows import run as run_
     from flows.request import ParameterError
     from flows.sample import make_sample
@@ -110,7 +109,8 @@ def demo(
     request = _request({}, input_path=str(inp), output_path=str(out), sigma_small="1,2,2", sigma_large="3,6,6",
                        overwrite=True, force=True, retry_delay_seconds=1.0, **params.split_cluster(cluster))
     try:
-        summary = run_.execute(request, progress=lambda: _progress_bar(True), temporary_api=temporary_api)
+        summary = run_.execute(request, progress=lambda: _progress_bar(True), temporary_api=temporary_api,
+                               before_prefect=lambda: runlog.quiet_terminal(False))
     except ParameterError as exc:
         _fail(str(exc))
     except run_.RunFailed as exc:

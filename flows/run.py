@@ -115,13 +115,13 @@ class RunFailed(RuntimeError):
 
 def execute(request: Any, *, notice: Callable[[str], None] = lambda line: None,
             progress: Optional[Callable[[], Any]] = None, temporary_api: Any = "start",
-            checked: Callable[[], None] = lambda: None) -> dict[str, Any]:
+            before_prefect: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Run ``request`` from a shell: the steps of the module docstring. Returns the run's summary.
 
     ``notice`` is called with the one line that says which parameters were taken from the existing output.
     ``progress``: a context manager factory entered around the flow (the CLI's progress bar).
-    ``checked`` is called once the parameters passed :meth:`check` (the CLI quiets the terminal's logging then,
-    which imports Dask). ``temporary_api``: ``"start"`` launches one unless an API is configured (:func:`flows.api.start_temporary_api`);
+    ``before_prefect`` is called just before the flow starts (the CLI quiets the terminal's logging then, which
+    imports Dask; a rerun with nothing to do never imports it). ``temporary_api``: ``"start"`` launches one unless an API is configured (:func:`flows.api.start_temporary_api`);
     or an already launched one, or None. Raises :class:`~flows.request.ParameterError` (bad input, a live
     lock) or :class:`RunFailed`."""
     from flows.request import ParameterError
@@ -132,7 +132,6 @@ def execute(request: Any, *, notice: Callable[[str], None] = lambda line: None,
         if temporary_api not in (None, "start"):
             temporary_api.stop()
         raise
-    checked()
     if temporary_api == "start":
         from flows import api
 
@@ -147,13 +146,14 @@ def execute(request: Any, *, notice: Callable[[str], None] = lambda line: None,
         notice(spec.notice)
     try:
         with spec.profile.session():  # runner mode: only the flow's rank gets past this
-            return _locked(request, spec, temporary_api, progress)
+            return _locked(request, spec, temporary_api, progress, before_prefect)
     finally:
         if temporary_api is not None:
             temporary_api.stop()
 
 
-def _locked(request: Any, spec: Any, temporary_api: Any, progress: Optional[Callable[[], Any]]) -> dict[str, Any]:
+def _locked(request: Any, spec: Any, temporary_api: Any, progress: Optional[Callable[[], Any]],
+            before_prefect: Callable[[], None]) -> dict[str, Any]:
     from flows.request import ParameterError
     from tasks import store
 
@@ -168,6 +168,7 @@ def _locked(request: Any, spec: Any, temporary_api: Any, progress: Optional[Call
             # every selected position is complete and unchanged, and no Prefect server keeps a record of
             # this run: say so without starting Prefect
             return run_summary(spec, len(spec.positions), [])
+        before_prefect()
         return _flow(request, Prepared(spec, lock, pending), temporary_api, progress)
     finally:
         lock.release()
