@@ -8,13 +8,15 @@ this writes the overridden copy, which deploy.sh passes to
 ``prefect --no-prompt deploy --all --prefect-file OUT.yaml``. Only the values given are
 changed. Bad values are refused here, in one line, before anything is deployed.
 
-Values are parsed as JSON when they are valid JSON (``0``, ``21.3``, ``[8, 21.3, 21.3]``),
-else kept as text (``0,2``, ``all``, ``2,0.406,0.406``, ``0.5um``, paths).
+The site values are the site parameters of ``flows/params.py`` (``DOGFLOW_<NAME>``; ``DOGFLOW_CHANNEL``
+still means ``DOGFLOW_CHANNELS``). Values are parsed as JSON when they are valid JSON (``0``, ``21.3``,
+``[8, 21.3, 21.3]``), else kept as text (``0,2``, ``all``, ``2,0.406,0.406``, ``0.5um``, paths); text
+parameters get the text form (``[8, 21.3, 21.3]`` -> ``"8,21.3,21.3"``). ``DOGFLOW_CLUSTER`` takes a
+shipped profile name (``cluster``) or a YAML path (``cluster_file``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -26,15 +28,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# env var -> flow parameter, set on both deployments
-PARAMETERS = {
-    "DOGFLOW_CLUSTER": "cluster",
-    "DOGFLOW_CHANNEL": "channel",
-    "DOGFLOW_CHANNELS": "channels",
-    "DOGFLOW_SIGMA_SMALL": "sigma_small",
-    "DOGFLOW_SIGMA_LARGE": "sigma_large",
-    "DOGFLOW_VOXEL_SIZE": "voxel_size",
-}
+
+
+def _schema():
+    sys.path.insert(0, str(ROOT))
+    from flows import params
+
+    return params
+
+
 # env var -> flow parameter, nightly only (the site dataset)
 DATASET = {"DOGFLOW_INPUT_PATH": "input_path", "DOGFLOW_OUTPUT_PATH": "output_path"}
 SETTINGS = ("DOGFLOW_WORK_POOL", "DOGFLOW_TIMEZONE", "DOGFLOW_NIGHTLY_CRON")
@@ -51,29 +53,52 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _flow_parameters() -> dict[str, inspect.Parameter]:
-    sys.path.insert(0, str(ROOT))
-    from flows.dog_filter import dog_filter
+def site_parameters() -> dict[str, str]:
+    """env var -> flow parameter, set on both deployments: every site parameter of flows.params, and the
+    aliases (DOGFLOW_CHANNEL for DOGFLOW_CHANNELS)."""
+    params = _schema()
+    out = {params.site_var(p): p.name for p in params.PARAMS if p.site}
+    out.update({p.alias.site: p.name for p in params.PARAMS if p.site and p.alias and p.alias.site})
+    return out
 
-    return dict(inspect.signature(dog_filter.fn).parameters)
+
+def _site_values(given: Mapping[str, str]) -> dict[str, Any]:
+    """The flow parameters of the site values given (each in the form the flow's type takes)."""
+    params = _schema()
+    values: dict[str, Any] = {}
+    for var, name in site_parameters().items():
+        if var not in given:
+            continue
+        p = params.BY_NAME[name]
+        value = parse_value(given[var])
+        if p.alias is not None and var == p.alias.site:
+            if name in values:
+                raise SiteError(f"give {params.site_var(p)} or {var}, not both")
+            value = p.alias.convert(value)
+        elif name in values:
+            raise SiteError(f"give {params.site_var(p)} or {p.alias.site}, not both")
+        if name == "cluster":
+            for k, v in params.split_cluster(value).items():
+                values[k] = v
+            continue
+        values[name] = params.as_text(value) if p.kind is params.Kind.TEXT else value
+    return values
 
 
 def apply_site(config: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """``config`` (prefect.yaml, loaded) with the site values of ``env``; returns (config, what changed)."""
-    given = {k: env[k].strip() for k in (*PARAMETERS, *DATASET, *SETTINGS) if env.get(k, "").strip()}
+    given = {k: env[k].strip() for k in (*site_parameters(), *DATASET, *SETTINGS) if env.get(k, "").strip()}
     changes: list[str] = []
-    flow_params = _flow_parameters()
-    params: dict[str, Any] = {}
-    for var, name in PARAMETERS.items():
-        if var in given:
-            if name not in flow_params:
-                raise SiteError(f"{var}: this dogflow's flow has no parameter {name!r}; remove it from the site values")
-            params[name] = parse_value(given[var])
-    if "cluster" in params:
+    try:
+        params = _site_values(given)
+    except ValueError as exc:
+        raise SiteError(str(exc)) from None
+    profile = params.get("cluster_file") or params.get("cluster")
+    if profile:
         from flows.clusters import ProfileError, load_profile
 
         try:
-            load_profile(str(params["cluster"]))
+            load_profile(str(profile))
         except ProfileError as exc:
             raise SiteError(f"DOGFLOW_CLUSTER: {exc}") from None
     dataset = {name: given[var] for var, name in DATASET.items() if var in given}
@@ -121,16 +146,19 @@ def _validate(params: dict[str, Any], dataset: dict[str, str]) -> None:
         raise SiteError("the flow's parameter types refuse a site value: " + " ".join(str(exc).split())) from None
     finally:
         flow_log.setLevel(level)
-    # a string passes the type check of σ and voxel size: parse them as the flow will
-    from flows.units import UnitError, parse_lengths, parse_voxel_size
+    # a string passes the type check of σ, channels and voxel size: parse them as the flow will
+    from flows.request import ParameterError, parse_channels
+    from tasks.units import UnitError, parse_lengths, parse_voxel_size
 
-    checks = {name: parse_lengths for name in ("sigma_small", "sigma_large") if name in params}
-    if params.get("voxel_size") not in (None, ""):
+    checks: dict[str, Any] = {name: parse_lengths for name in ("sigma_small", "sigma_large") if params.get(name)}
+    if params.get("voxel_size"):
         checks["voxel_size"] = parse_voxel_size
+    if params.get("channels") and str(params["channels"]).lower() != "all":
+        checks["channels"] = lambda v, name: parse_channels(v, 10**6)
     for name, parse in checks.items():
         try:
             parse(params[name], name)
-        except UnitError as exc:
+        except (UnitError, ParameterError) as exc:
             raise SiteError(f"the flow refuses the site value of {name} ({params[name]!r}): {exc}") from None
 
 

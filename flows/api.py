@@ -106,9 +106,33 @@ def start_temporary_api() -> Optional[TemporaryAPI]:
     starts one, in :func:`prefect_api`)."""
     if os.environ.get("PREFECT_API_URL") or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         return None
-    from prefect.settings import PREFECT_API_URL
+    if _may_be_configured():
+        from prefect.settings import PREFECT_API_URL
 
-    return None if PREFECT_API_URL.value() else TemporaryAPI()
+        if PREFECT_API_URL.value():
+            return None
+    return TemporaryAPI()
+
+
+def _may_be_configured() -> bool:
+    """Could a Prefect API be configured other than in ``$PREFECT_API_URL``? Answered from the files Prefect's
+    settings read, without importing Prefect (1-4 s on this VM, most of a rerun with nothing to do); True when in
+    doubt, and then Prefect's own settings decide."""
+    if any(k in os.environ for k in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH")):
+        return True
+    cwd = Path.cwd()
+    if (cwd / ".env").exists() or (cwd / "prefect.toml").exists():
+        return True
+    for path, marker in ((cwd / "pyproject.toml", "tool.prefect"),
+                         (Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "profiles.toml", "API_URL")):
+        try:
+            if marker in path.read_text(errors="replace"):
+                return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+    return False
 
 
 @contextlib.contextmanager

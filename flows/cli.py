@@ -8,14 +8,15 @@ created or any job is submitted. A run whose positions failed exits with status 
 from __future__ import annotations
 
 import contextlib
-import os
+import inspect
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator
 
 import typer
 
-from tasks import defaults
+from flows import params
+from tasks import units
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact 3-D Difference-of-Gaussians over 5-D microscopy Zarr datasets (Prefect + Dask).")
@@ -43,115 +44,61 @@ def _progress_bar(show: bool) -> Iterator[None]:
             yield
 
 
-def run_flow(request, show_progress: bool = True, temporary_api=None) -> dict:
-    """Validate ``request``, then run the ``dog-filter`` flow on it in this process (raises typer.Exit on errors).
-
-    ``temporary_api``: a temporary Prefect server the command started early (:mod:`flows.api`); it is
-    stopped when the run ends, or at once when the request is refused.
-    """
-    from flows.api import prefect_api
-    from flows.request import ParameterError, handing_over
-    from tasks.lock import RunLock, RunLockedError
+def _request(values: dict[str, Any], **fixed: Any):
+    """The RunRequest of a command line's values (refused in one line), or of ``fixed`` parameters."""
+    from flows.request import ParameterError, RunRequest
 
     try:
-        spec = request.validate()
-        RunLock(spec.output_path).check()  # refuse at once, before Prefect starts, when a live run holds the output
-    except (ParameterError, RunLockedError) as exc:
-        if temporary_api is not None:
-            temporary_api.stop()
+        return RunRequest(**{**params.from_cli(values), **fixed})
+    except (ValueError, ParameterError) as exc:
         _fail(str(exc))
-    from flows.dog_filter import dog_filter, pending_work, run_summary
-
-    pending = pending_work(spec)[0] if temporary_api is not None else None
-    if pending is not None and not (request.force or request.overwrite) and not pending:
-        # Every selected position is complete and unchanged, and no Prefect server keeps a record of this
-        # run: say so without starting Prefect (a run against a configured API still runs the flow).
-        temporary_api.stop()
-        return run_summary(spec, len(spec.positions), [])
-    # inside `srun -n N` (runner mode) only rank 1 gets past the session's __enter__ and runs the flow
-    with spec.profile.session(), prefect_api(temporary_api) as temporary:
-        # with a temporary API, the local cluster's workers start while the server boots (its URL is exported);
-        # the cluster closes before the server stops
-        if temporary and pending:
-            spec.profile.for_tasks(len(pending))
-        with spec.profile.started() if temporary else contextlib.nullcontext(), handing_over(spec), \
-                _progress_bar(show_progress):
-            if temporary:
-                temporary.wait()
-            state = dog_filter(**request.parameters(), return_state=True)
-    if state.is_completed():
-        return state.result()
-    err = state.result(raise_on_failure=False)
-    _fail(str(err).splitlines()[0] if err else f"flow ended {state.name}", code=1)
 
 
-@app.command()
-def run(
-    input_path: str = typer.Argument(..., metavar="INPUT",
-                                     help="5-D Zarr array, OME-Zarr image, bioformats2raw root or dogflow output"),
-    output_path: str = typer.Argument(..., metavar="OUTPUT", help="OME-Zarr group to create or update"),
-    filter: str = typer.Option(defaults.FILTER, "--filter", help="dog (Difference of Gaussians) or gaussian (blur)"),
-    sigma: Optional[str] = typer.Option(None, help="σ of the gaussian filter: voxels (2.5, or z,y,x) or a length (0.5um)"),
-    channel: int = typer.Option(0, "--channel", "-c", help="channel to filter (when --channels is not given)"),
-    channels: Optional[str] = typer.Option(None, help="channels to filter: 0,2 or all [default: --channel]"),
-    voxel_size: Optional[str] = typer.Option(None, help="voxel size z,y,x in µm (or with a unit) for inputs without it"),
-    sigma_small: Optional[str] = typer.Option(
-        None, help="small σ: voxels (2.0, or z,y,x like 1,3,3) or a length (0.5um, 1,2,2um) [default 50/2.35 voxels]"),
-    sigma_large: Optional[str] = typer.Option(None, help="large σ, likewise [default 200/2.35 voxels]"),
-    fwhm_small: Optional[str] = typer.Option(None, help="small Gaussian as FWHM (σ = FWHM/2.3548), voxels or a length"),
-    fwhm_large: Optional[str] = typer.Option(None, help="large Gaussian as FWHM"),
-    positions: Optional[str] = typer.Option(None, help="positions, e.g. 0-9,15 [default: all]"),
-    cluster: str = typer.Option(defaults.CLUSTER, help="cluster profile name (shipped profiles) or YAML path"),
-    output_dtype: str = typer.Option(defaults.OUTPUT_DTYPE, help="float32 or uint16 (rounded, clipped to 0..65535)"),
-    truncate: float = typer.Option(defaults.TRUNCATE, help="kernel radius in σ (scipy: int(truncate·σ+0.5))"),
-    mode: str = typer.Option(defaults.MODE, help=f"edge mode: {', '.join(defaults.MODES)}"),
-    overwrite: bool = typer.Option(False, help="replace an output written with other parameters"),
-    force: bool = typer.Option(False, help="recompute positions even if complete and unchanged"),
-    retries: int = typer.Option(defaults.RETRIES, help="Prefect retries per position"),
-    retry_delay: float = typer.Option(defaults.RETRY_DELAY_SECONDS, help="seconds between retries"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect and Dask INFO logs too"),
-) -> None:
-    """Filter INPUT into OUTPUT (one task per position)."""
-    from flows import api, runlog
-
-    temporary_api = api.start_temporary_api()  # boots while this process imports and validates
-    runlog.quiet_terminal(verbose)
-    from flows.request import ParameterError, RunRequest, sigma_or_fwhm
+def _execute(request, show_progress: bool, verbose: bool) -> dict:
+    """:func:`flows.run.execute`, its refusals and failures as one line and an exit status."""
+    from flows import run as run_, runlog
+    from flows.request import ParameterError
 
     try:
-        s_small = sigma_or_fwhm(sigma_small, fwhm_small, "small")
-        s_large = sigma_or_fwhm(sigma_large, fwhm_large, "large")
+        return run_.execute(request, notice=lambda line: typer.echo(f"dogflow: {line}"),
+                            progress=(lambda: _progress_bar(True)) if show_progress else None,
+                            before_prefect=lambda: runlog.quiet_terminal(verbose))
     except ParameterError as exc:
-        if temporary_api is not None:
-            temporary_api.stop()
         _fail(str(exc))
-    request = RunRequest(
-        input_path, output_path, filter=filter, sigma=sigma, channel=channel, channels=channels, voxel_size=voxel_size,
-        sigma_small=defaults.SEED_SIGMA_SMALL if s_small is None else s_small,
-        sigma_large=defaults.SEED_SIGMA_LARGE if s_large is None else s_large,
-        positions=positions, truncate=truncate, mode=mode, output_dtype=output_dtype, overwrite=overwrite,
-        force=force, cluster=cluster, retries=retries, retry_delay_seconds=retry_delay,
-    )
-    summary = run_flow(request, show_progress=progress, temporary_api=temporary_api)
+    except run_.RunFailed as exc:
+        _fail(str(exc), code=1)
+
+
+def _run(verbose: bool = False, progress: bool = True, **values: Any) -> None:
+    summary = _execute(_request(values), show_progress=progress, verbose=verbose)
     typer.echo(
         f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
         f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
     )
 
 
+_run.__signature__ = params.cli_signature("run", [  # type: ignore[attr-defined]
+    inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(True, help="show a progress bar (on a terminal)")),
+    inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--verbose", "-v", help="show Prefect and Dask INFO logs too")),
+])
+_run.__doc__ = "Filter INPUT into OUTPUT (one task per position); a rerun continues OUTPUT as it was made."
+app.command("run")(_run)
+
+
 @app.command()
 def demo(
     workdir: str = typer.Option("demo-data", help="folder for the sample input and the output"),
     positions: int = typer.Option(4, help="positions in the sample dataset"),
-    cluster: str = typer.Option("local", help="cluster profile"),
+    cluster: str = typer.Option(params.BY_NAME["cluster"].default, help="cluster profile name or YAML path"),
 ) -> None:
     """Write a small synthetic 5-D dataset, filter it, and say where the result is."""
     from flows import api, runlog
 
     temporary_api = api.start_temporary_api()  # boots while the sample is written
-    runlog.quiet_terminal(False)
-    from flows.request import RunRequest
+    from flows import run as run_
+    from flows.request import ParameterError
     from flows.sample import make_sample
 
     wd = Path(workdir).resolve()
@@ -159,42 +106,54 @@ def demo(
     inp, out = wd / "sample.zarr", wd / "sample-dog.zarr"
     arr = make_sample(inp, positions=positions)
     typer.echo(f"dogflow demo: sample dataset {inp} shape {tuple(arr.shape)} uint16")
-    summary = run_flow(RunRequest(str(inp), str(out), sigma_small=[1.0, 2.0, 2.0], sigma_large=[3.0, 6.0, 6.0],
-                                  overwrite=True, force=True, cluster=cluster, retry_delay_seconds=1.0),
-                       temporary_api=temporary_api)
+    request = _request({}, input_path=str(inp), output_path=str(out), sigma_small="1,2,2", sigma_large="3,6,6",
+                       overwrite=True, force=True, retry_delay_seconds=1.0, **params.split_cluster(cluster))
+    try:
+        summary = run_.execute(request, progress=lambda: _progress_bar(True), temporary_api=temporary_api,
+                               before_prefect=lambda: runlog.quiet_terminal(False))
+    except ParameterError as exc:
+        _fail(str(exc))
+    except run_.RunFailed as exc:
+        _fail(str(exc), code=1)
     typer.echo(f"dogflow demo: {summary['processed']} positions filtered.")
-    typer.echo(f"dogflow demo: output is {out} (OME-Zarr; position P is array 'P/0', shape (C, Z, Y, X) float32)")
+    typer.echo(f"dogflow demo: output is {out} (OME-Zarr; position P is array 'P/0', shape (C, Z, Y, X) "
+               f"{request.output_dtype or params.BY_NAME['output_dtype'].seed})")
     typer.echo(f"dogflow demo: inspect it with `.venv/bin/dogflow status {out}`")
 
 
-@app.command()
-def plan(
-    input_path: str = typer.Argument(..., metavar="INPUT"),
-    cluster: str = typer.Option("local", help="cluster profile name or YAML path"),
-    channel: int = typer.Option(0),
-    positions: Optional[str] = typer.Option(None),
-    output_dtype: str = typer.Option("float32"),
-) -> None:
-    """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
-    from flows import clusters
-    from flows.request import ParameterError, parse_channels, parse_positions
-    from tasks import filters
-    from tasks.inputs import StoreError, open_dataset
+def _plan(**values: Any) -> None:
+    from flows.request import ParameterError
 
+    request = _request({k: v for k, v in values.items()}, output_path=values.get("output_path") or "")
     try:
-        ds = open_dataset(input_path)
-        parse_channels(None, ds.n_channels, channel)
-        pos = parse_positions(positions, ds.n_positions)
-        prof = clusters.load_profile(cluster)
-        prof.check_memory(filters.memory_per_task(defaults.FILTER, ds.shape, ds.dtype, output_dtype))
-        lines = prof.plan_lines()
-    except (StoreError, ParameterError, clusters.ProfileError) as exc:
+        spec = request.validate(plan_only=True)
+        pending = None
+        if spec.output_path:
+            from flows import run as run_
+
+            pending = run_.pending_work(spec)[0]
+    except ParameterError as exc:
         _fail(str(exc))
-    typer.echo(f"input: {input_path} ({ds.layout}) positions {ds.n_positions}, channels {ds.n_channels}, "
-               f"(z, y, x) {ds.shape} {ds.dtype}")
-    typer.echo(f"positions: {len(pos)}")
-    for line in lines:
+    n_pos, n_chan, *zyx = spec.input_shape
+    typer.echo(f"input: {spec.input_path} positions {n_pos}, channels {n_chan}, (z, y, x) {tuple(zyx)} "
+               f"{spec.input_dtype}")
+    if spec.notice:
+        typer.echo(spec.notice)
+    p = spec.params
+    typer.echo(f"filter: {p.kind}, {p.filter.describe()} voxels, truncate {p.filter.truncate:g}, mode {p.filter.mode}, "
+               f"output {p.output_dtype}; channels {','.join(map(str, spec.channels))}")
+    line = f"positions: {len(spec.positions)}"
+    if pending is not None:
+        line += f" ({len(pending)} to filter, {len(spec.positions) - len(pending)} complete and unchanged)"
+    typer.echo(line)
+    for line in spec.profile.plan_lines():
         typer.echo(line)
+
+
+_plan.__signature__ = params.cli_signature("plan")  # type: ignore[attr-defined]
+_plan.__doc__ = ("Print what `dogflow run` would do on CLUSTER: the parameters, positions, memory per task, "
+                 "workers and job script. OUTPUT (optional): what of it is still to do. Submits nothing.")
+app.command("plan")(_plan)
 
 
 @app.command()
@@ -212,11 +171,13 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
                f"dogflow {prov.get('version')}, layout {prov['layout_version']}")
     typer.echo(f"  filter: {st.params.kind} ({st.params.filter.describe()} voxels)")
     for k, v in st.params.as_dict().items():
-        typer.echo(f"  {k}: {v}")
-    for k in ("sigma_small_um", "sigma_large_um"):
+        if k != "filter":
+            typer.echo(f"  {k}: {_sigma_words(v) if k.startswith('sigma') else v}")
+    for k in ("sigma_small_um", "sigma_large_um", "sigma_um"):
         if k in prov["params"]:
-            typer.echo(f"  {k}: {prov['params'][k]}")
-    typer.echo(f"  voxel_size: {prov.get('voxel_size')} {prov.get('unit') or ''}".rstrip())
+            typer.echo(f"  {k}: {_sigma_words(prov['params'][k], 'um')}")
+    vs = prov.get("voxel_size")
+    typer.echo(f"  voxel_size: {units.format_lengths(vs) if vs else None} {prov.get('unit') or ''}".rstrip())
     if st.input_problem:
         typer.echo(f"  (input unavailable: {st.input_problem}; staleness not checked)")
     typer.echo("position  channel  state")
@@ -229,11 +190,18 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
                      f"{m.get('host')}" + (f" job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""))
         typer.echo(line.rstrip())
     c = st.counts()
-    typer.echo(", ".join(f"{n} {state}" for state, n in c.items()) + f" (of {len(st.rows)})")
+    typer.echo(f"{c['complete']} complete, {c['missing']} missing, {c['stale']} stale (of {len(st.rows)})")
+
+
+def _sigma_words(values, unit: str = "") -> str:
+    """σ as dogflow prints it everywhere: 4 significant digits, one value when the three are equal."""
+    return units.format_lengths(values, unit) if isinstance(values, (list, tuple)) else str(values)
 
 
 def main() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows import run
+
+    run.quiet_prefect()
     app()
 
 

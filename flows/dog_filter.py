@@ -2,25 +2,26 @@
 
 The mapping runs in a child flow, ``dog-filter-positions``, whose task runner is the ``DaskTaskRunner``
 built from the run's cluster profile; validation and planning run in the parent before any cluster (or
-SLURM job) exists. The rooms this flow delegates to: :mod:`flows.request` (validation),
+SLURM job) exists. The rooms this flow delegates to: :mod:`flows.params` (its parameters),
+:mod:`flows.request` (validation), :mod:`flows.run` (what a CLI entry point prepared for it),
 :mod:`tasks.output` (layout, markers, lock), :mod:`flows.outcomes` (what Dask did with each task),
 :mod:`flows.reports` (artifacts, progress) and :mod:`flows.runlog` (the run's log file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import clusters, outcomes, reports, runlog
-from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
-from tasks import defaults, filters
-from tasks.inputs import open_dataset
-from tasks.markers import MarkerRow, MarkerState
+from flows import outcomes, params, reports, run, runlog
+from flows.request import ParameterError, RunRequest, RunSpec
+from tasks import defaults
+from tasks.markers import MarkerState
 from tasks.output import Output
 from tasks.position import PositionResult, position_task
 
@@ -29,65 +30,31 @@ class RunFailed(RuntimeError):
     """Some positions failed for good; the message names them."""
 
 
-@flow(name="dog-filter", log_prints=True, persist_result=False)
-def dog_filter(
-    input_path: str,
-    output_path: str,
-    filter: Literal[filters.FILTER_KINDS] = defaults.FILTER,  # type: ignore[valid-type]
-    sigma: Optional[str] = None,
-    channel: int = 0,
-    channels: Union[str, list[int], None] = None,
-    voxel_size: Union[str, list[float], None] = None,
-    sigma_small: Sigma = defaults.SEED_SIGMA_SMALL,
-    sigma_large: Sigma = defaults.SEED_SIGMA_LARGE,
-    positions: Union[str, list[int], None] = None,
-    truncate: float = defaults.TRUNCATE,
-    mode: Literal[defaults.MODES] = defaults.MODE,  # type: ignore[valid-type]
-    output_dtype: Literal[defaults.OUTPUT_DTYPES] = defaults.OUTPUT_DTYPE,  # type: ignore[valid-type]
-    overwrite: bool = False,
-    force: bool = False,
-    cluster: Union[clusters.ProfileName, str] = defaults.CLUSTER,
-    retries: int = defaults.RETRIES,
-    retry_delay_seconds: float = defaults.RETRY_DELAY_SECONDS,
-    allow_missing_chunks: bool = False,
-) -> dict[str, Any]:
-    """Exact 3-D Difference of Gaussians of every position (and selected channels) of a microscopy Zarr dataset.
-
-    Args:
-        input_path: A 5-D (position, channel, z, y, x) Zarr array, an OME-Zarr image (NGFF 0.4/0.5), a
-            bioformats2raw root (each series is a position) or a dogflow output.
-        output_path: OME-Zarr (NGFF 0.5) group to create or update: one image per position, "P/0" is position
-            P at full resolution, shape (C, Z, Y, X), "P/1", ... its 2x-downsampled levels.
-        filter: dog (Difference of Gaussians, sigma_small and sigma_large) or gaussian (a blur, sigma).
-        sigma: Sigma of the gaussian filter: voxels (one number or z,y,x) or a length with a unit ("0.5um").
-        channel: Channel to filter when channels is empty.
-        channels: Channels to filter: "0,2", "all", or a list; empty for channel.
-        voxel_size: Voxel size z,y,x in µm ("2,0.406,0.406", or with a unit) for inputs without NGFF metadata.
-        sigma_small: Sigma of the small Gaussian: in voxels (one number or z,y,x), or a length with a unit
-            ("0.5um", "1,2,2um") converted with the voxel size.
-        sigma_large: Sigma of the large Gaussian, likewise (larger than sigma_small on every axis).
-        positions: Positions to filter: empty for all, a range string such as "0-9,15", or a list.
-        truncate: Kernel radius in sigmas (scipy semantics: radius = int(truncate * sigma + 0.5)).
-        mode: Edge mode, as in scipy.ndimage (nearest = edge replication).
-        output_dtype: float32, or uint16 (rounded half to even, clipped to 0..65535).
-        overwrite: Replace an existing output written with other parameters or another shape.
-        force: Recompute every selected position, even those complete and unchanged.
-        cluster: Cluster profile: a shipped profile name (local, slurm, ...) or a path to a YAML file.
-        retries: Prefect retries of a failed position task.
-        retry_delay_seconds: Seconds between those retries.
-        allow_missing_chunks: Read a missing input chunk as the fill value instead of failing the position.
-    """
-    request = RunRequest(**locals())
+def _dog_filter(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    request = RunRequest(**_SIGNATURE.bind(*args, **kwargs).arguments)
     logger = get_run_logger()
-    if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
+    if not request.input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
         return _no_dataset(logger)
-    spec = _validate(request, logger)
-    with Output(spec.output_path).lock(run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or ""), \
-            runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
+    prepared = run.claim(request)  # what `dogflow run` prepared in this process for this very run, if anything
+    spec = prepared.spec if prepared is not None else _validate(request, logger)
+    if spec.notice:
+        logger.info("%s", spec.notice)
+    lock = contextlib.nullcontext() if prepared is not None else Output(spec.output_path).lock(
+        run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or "")
+    with lock, runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
-        rows = _map(spec, pending, skipped)
+        rows = _map(spec, pending, skipped, prepared)
         return _summarise(spec, skipped, rows, logger)
+
+
+# The flow's parameters are flows.params.PARAMS: the signature (what Prefect validates, and the UI form)
+# and the docstring (the form's descriptions) are made from it.
+_SIGNATURE = params.signature(return_annotation=dict[str, Any])
+_dog_filter.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
+_dog_filter.__doc__ = params.docstring(
+    "Exact 3-D Difference of Gaussians of every position (and selected channels) of a microscopy Zarr dataset.")
+dog_filter = flow(name="dog-filter", log_prints=True, persist_result=False)(_dog_filter)
 
 
 @flow(name="dog-filter-positions", log_prints=True, persist_result=False)
@@ -131,30 +98,18 @@ def _no_dataset(logger: logging.Logger):
     return Completed(name="Skipped", message=msg)
 
 
-def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:
+def _validate(request: Any, logger: logging.Logger) -> RunSpec:
     try:
-        return validated(request)
+        return request.validate()
     except ParameterError as exc:
         logger.error("%s", exc)
         raise
 
 
-def pending_work(spec: RunSpec) -> tuple[dict[int, list[int]], list[MarkerRow]]:
-    """The channels of each selected position that are not complete (all of them with ``force``), and the
-    state of every (position, channel); reads markers only, writes nothing."""
-    ds = open_dataset(spec.input_path, check=False)  # validated: open only the images used
-    rows = Output(spec.output_path).markers.scan(ds, spec.params, spec.positions, spec.channels)
-    pending: dict[int, list[int]] = {}
-    for r in rows:
-        if spec.request.force or r.state is not MarkerState.COMPLETE:
-            pending.setdefault(r.position, []).append(r.channel)
-    return pending, rows
-
-
 def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
     """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
     Output(spec.output_path).prepare(spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
-    pending, rows = pending_work(spec)
+    pending, rows = run.pending_work(spec)
     stale = [r for r in rows if r.state is MarkerState.STALE]
     skipped = len(spec.positions) - len(pending)
     logger.info(
@@ -168,21 +123,27 @@ def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], 
     return pending, skipped
 
 
-def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[PositionResult]:
-    """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending)."""
+def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int, prepared: Optional[run.Prepared]
+         ) -> list[PositionResult]:
+    """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending):
+    the entry point's early cluster when it prepared one, else the profile sized for the pending positions."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
         return []
-    spec.profile.for_tasks(len(pending))
-    return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
-        spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), spec.profile.threads_per_task(),
+    if prepared is not None:
+        runner = prepared.task_runner(len(pending))
+    else:
+        runner = spec.profile.sized(spec.need_bytes, len(pending)).build_task_runner()
+    threads = spec.profile.sized(spec.need_bytes, len(pending)).threads_per_task()
+    return filter_positions.with_options(task_runner=runner)(
+        spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), threads,
         spec.request.retries, spec.request.retry_delay_seconds, spec.request.allow_missing_chunks, skipped,
         list(pending.values()),
     )
 
 
 def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: logging.Logger) -> dict[str, Any]:
-    summary = run_summary(spec, skipped, rows)
+    summary = run.run_summary(spec, skipped, rows)
     failed = summary["failed"]
     reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, spec.params.kind)
     logger.info(
@@ -193,11 +154,3 @@ def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: 
         raise RunFailed(f"{len(failed)} position(s) failed: {', '.join(map(str, failed))}; "
                         f"completed positions are kept, re-run to retry only the failed ones")
     return summary
-
-
-def run_summary(spec: RunSpec, skipped: int, rows: list[PositionResult]) -> dict[str, Any]:
-    """What a run returns (plain JSON): counts, failed positions and one record per filtered position."""
-    failed = [r.position for r in rows if not r.completed]
-    return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
-            "skipped": skipped, "failed": failed, "pairs": sum(len(r.channels) for r in rows if r.completed),
-            "positions": [r.as_dict() for r in rows]}

@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tasks.output import Output
-
 LOGGERS = ("prefect", "distributed")
 TERMINAL_LEVEL = "DOGFLOW_TERMINAL_LOG_LEVEL"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -25,6 +23,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @contextlib.contextmanager
 def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
     """Copy this run's Prefect and Dask log lines (INFO and up) into the run log file; yields its path."""
+    from tasks.output import Output
+
     out = Output(output_path)
     path = out.log_path(run_name or "run", os.environ.get("SLURM_JOB_ID"),
                         folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
@@ -38,7 +38,7 @@ def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
         if not os.environ.get("DOGFLOW_LOG_DIR"):
-            out.keep_log(path)
+            out.keep_log(path)  # an output on an object store gets a copy
 
 
 class _FileLog(logging.Handler):

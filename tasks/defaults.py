@@ -25,14 +25,15 @@ Threads
 
 from __future__ import annotations
 
-from tasks import dog
+# This module imports nothing heavy: `dogflow run` reads it before it refuses bad input (<= 0.5 s), and
+# the engine (numpy, scipy) is imported only where it runs. tests/test_params.py checks MODES == dog.MODES.
 
 FILTER = "dog"
 SEED_SIGMA_SMALL = 50 / 2.35
 SEED_SIGMA_LARGE = 200 / 2.35
 TRUNCATE = 4.0
 MODE = "nearest"
-MODES = dog.MODES
+MODES = ("nearest", "reflect", "mirror", "constant", "wrap")  # scipy.ndimage edge modes the engine takes
 OUTPUT_DTYPES = ("float32", "uint16")
 OUTPUT_DTYPE = "float32"
 CLUSTER = "local"
@@ -67,4 +68,6 @@ DASK_CONFIG = {
 
 def threads_per_task(slots: int = 1) -> int:
     """Engine threads of one task when ``slots`` tasks share this process's CPUs: ``max(1, cpus // slots)``."""
+    from tasks import dog
+
     return max(1, dog.default_threads() // max(1, int(slots)))

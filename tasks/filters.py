@@ -21,11 +21,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
-import numpy as np
+from tasks import defaults, units
 
-from tasks import defaults, dog, pyramid
+if TYPE_CHECKING:  # the engine (numpy, scipy) is imported where a filter runs, not where a run is checked
+    import numpy as np
 
 _MiB = 1 << 20
 RUNTIME_OVERHEAD = 256 * _MiB  # interpreter, zarr codecs and I/O buffers of one task, on top of the filter's peak
@@ -49,9 +50,9 @@ def check_truncate(truncate: Any) -> float:
 
 
 def check_mode(mode: Any) -> str:
-    """``mode`` if it is one of scipy.ndimage's edge modes the engine has (:data:`tasks.dog.MODES`)."""
-    if mode not in dog.MODES:
-        raise FilterError(f"unknown mode {mode!r}; choose one of {', '.join(dog.MODES)}")
+    """``mode`` if it is one of scipy.ndimage's edge modes the engine has (:data:`tasks.defaults.MODES`)."""
+    if mode not in defaults.MODES:
+        raise FilterError(f"unknown mode {mode!r}; choose one of {', '.join(defaults.MODES)}")
     return str(mode)
 
 
@@ -65,13 +66,6 @@ def _zyx(values: Any, name: str) -> Zyx:
     if not all(math.isfinite(s) and s > 0 for s in out):
         raise FilterError(f"{name} must be > 0 on every axis, got {list(out)}")
     return out  # type: ignore[return-value]
-
-
-def short(values: Any) -> str:
-    """σ for people: 4 significant digits, one number when the three axes agree."""
-    vals = [float(v) for v in values]
-    text = [f"{v:.4g}" for v in vals]
-    return text[0] if len(set(text)) == 1 else ",".join(text)
 
 
 @dataclass(frozen=True)
@@ -91,6 +85,7 @@ class DoG:
     kind: ClassVar[str] = "dog"
     label: ClassVar[str] = "DoG"
     method: ClassVar[str] = "dogflow.difference_of_gaussians"
+    sigmas: ClassVar[tuple[str, ...]] = ("sigma_small", "sigma_large")  # its σ parameters, by name
 
     def check(self) -> "DoG":
         small, large = _zyx(self.sigma_small, "sigma_small"), _zyx(self.sigma_large, "sigma_large")
@@ -98,7 +93,7 @@ class DoG:
         if bad_axes:
             raise FilterError(
                 f"sigma_small must be smaller than sigma_large on every axis (not on {','.join(bad_axes)}): "
-                f"{short(small)} vs {short(large)} voxels")
+                f"{units.format_lengths(small)} vs {units.format_lengths(large)} voxels")
         return DoG(small, large, check_truncate(self.truncate), check_mode(self.mode))
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,14 +106,20 @@ class DoG:
                    float(d["truncate"]), str(d["mode"]))
 
     def describe(self) -> str:
-        return f"σ {short(self.sigma_small)} / {short(self.sigma_large)}"
+        return f"σ {units.format_lengths(self.sigma_small)} / {units.format_lengths(self.sigma_large)}"
 
-    def apply(self, volume: np.ndarray, threads: int) -> np.ndarray:
+    def apply(self, volume: "np.ndarray", threads: int) -> "np.ndarray":
+        from tasks import dog
+
         return dog.difference_of_gaussians(volume, self.sigma_small, self.sigma_large, truncate=self.truncate,
                                            mode=self.mode, threads=threads)
 
     @staticmethod
     def peak_bytes(zyx: tuple[int, int, int], input_dtype: Any, threads: int) -> int:
+        import numpy as np
+
+        from tasks import dog
+
         return dog.peak_memory_bytes(tuple(zyx), np.dtype(input_dtype), threads=threads)
 
 
@@ -134,6 +135,7 @@ class Gaussian:
     kind: ClassVar[str] = "gaussian"
     label: ClassVar[str] = "Gaussian"
     method: ClassVar[str] = "dogflow.gaussian"
+    sigmas: ClassVar[tuple[str, ...]] = ("sigma",)
 
     def check(self) -> "Gaussian":
         return Gaussian(_zyx(self.sigma, "sigma"), check_truncate(self.truncate), check_mode(self.mode))
@@ -146,14 +148,16 @@ class Gaussian:
         return cls(tuple(float(s) for s in d["sigma"]), float(d["truncate"]), str(d["mode"]))  # type: ignore[arg-type]
 
     def describe(self) -> str:
-        return f"σ {short(self.sigma)}"
+        return f"σ {units.format_lengths(self.sigma)}"
 
-    def apply(self, volume: np.ndarray, threads: int) -> np.ndarray:
+    def apply(self, volume: "np.ndarray", threads: int) -> "np.ndarray":
+        from tasks import dog
+
         return dog.gaussian(volume, self.sigma, truncate=self.truncate, mode=self.mode, threads=threads)
 
     @staticmethod
     def peak_bytes(zyx: tuple[int, int, int], input_dtype: Any, threads: int) -> int:
-        return dog.peak_memory_bytes(tuple(zyx), np.dtype(input_dtype), threads=threads)  # holds for gaussian too
+        return DoG.peak_bytes(zyx, input_dtype, threads)  # the engine's bound holds for one Gaussian too
 
 
 Filter = Union[DoG, Gaussian]
@@ -219,7 +223,7 @@ class FilterParams:
         a, b = self.as_dict(), other.as_dict()
         return [f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
-    def apply(self, volume: np.ndarray, threads: int) -> np.ndarray:
+    def apply(self, volume: "np.ndarray", threads: int) -> "np.ndarray":
         return self.filter.apply(volume, threads)
 
 
@@ -231,6 +235,8 @@ def memory_per_task(kind: str, zyx: tuple[int, int, int], input_dtype: Any, outp
     to ``threads`` engine threads, input included) and the write, after the input is freed
     (:func:`tasks.pyramid.write_peak_bytes`: the result, its pyramid levels and, for uint16, the cast copy).
     """
+    from tasks import pyramid
+
     need = max(kind_named(kind).peak_bytes(tuple(zyx), input_dtype, threads),
                pyramid.write_peak_bytes(tuple(zyx), output_dtype))
     return int(need * 1.1) + RUNTIME_OVERHEAD

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks import buffers
+from tasks import buffers, defaults
 from tasks.storage import StoreError
 
 PYRAMID_MAX_PLANE = 1024  # levels halve y and x until both are <= this
-OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 UINT16_POLICY = "round half to even, then clip to [0, 65535]"
 DOWNSAMPLING = "2x2 mean in y,x of the level above, computed in float32; odd last row/column: mean of what exists"
 CAST_BLOCK = 1 << 22  # elements cast to uint16 at a time (one float32 block of 16 MiB)

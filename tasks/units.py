@@ -200,3 +200,11 @@ def fwhm_as_sigma(fwhm: Any, name: str) -> str | list[float]:
 
 def _fmt(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
+
+
+def format_lengths(values: Sequence[float], unit: str | None = None) -> str:
+    """z,y,x values as a user types them, 4 significant digits: ``(21.2766,) * 3`` -> ``"21.28"``,
+    ``(1, 2, 2), "um"`` -> ``"1,2,2um"``. Three equal values are written once."""
+    vals = [f"{float(v):.4g}" for v in values]
+    text = vals[0] if len(set(vals)) == 1 else ",".join(vals)
+    return text + (unit or "")

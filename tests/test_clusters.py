@@ -87,8 +87,9 @@ def test_memory_plan_refuses_small_workers():
     with pytest.raises(ProfileError, match=r"needs about .* GiB per task, but a worker has 8.0 GiB per task"):
         prof.preflight(SEED_NEED)
     ok = parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "64GiB"}, "ok.yaml")
-    need, have = ok.preflight(SEED_NEED)
-    assert need == SEED_NEED < have == 32 * 2**30
+    sized = ok.preflight(SEED_NEED)
+    assert sized.need == SEED_NEED < sized.task_slots_and_memory()[1] == 32 * 2**30
+    assert ok.need is None  # a profile does not change: sizing makes a copy
 
 
 def test_one_task_slot_per_worker_process_by_default():
@@ -122,7 +123,8 @@ def test_missing_interface_refused():
     prof = parse_profile({"cluster_type": "slurm", "cores": 1, "memory": "4GiB", "interface": "nosuch0"}, "p")
     with pytest.raises(ProfileError, match="network interface 'nosuch0' does not exist"):
         prof.preflight(2**20)
-    assert prof.check_memory(2**20) == (2**20, 4 * GiB)  # `dogflow plan` may run elsewhere: memory only
+    sized = prof.check_memory(2**20)  # `dogflow plan` may run elsewhere: memory only
+    assert (sized.need, sized.task_slots_and_memory()[1]) == (2**20, 4 * GiB)
 
 
 @pytest.mark.parametrize(
@@ -269,10 +271,11 @@ def test_local_plan_never_more_workers_than_positions():
     assert (three.n_workers, three.threads_per_task) == (3, 5)
     assert clusters.plan_local(16, 64 * GiB, 1 * GiB, tasks=1, n_workers=4).n_workers == 4
     prof = clusters.load_profile("local")
-    prof.preflight(2**20)
-    prof.for_tasks(1)
-    assert prof.runner_arguments()["cluster_kwargs"]["n_workers"] == 1
-    assert prof.threads_per_task() == len(__import__("os").sched_getaffinity(0))
+    one_task = prof.preflight(2**20).sized(2**20, tasks=1)
+    assert one_task.runner_arguments()["cluster_kwargs"]["n_workers"] == 1
+    assert one_task.threads_per_task() == len(__import__("os").sched_getaffinity(0))
+    # the profile it came from is unchanged: no state that changes between calls
+    assert prof.local_plan is None and prof.tasks is None
 
 
 def test_local_plan_refuses_what_cannot_fit():
@@ -284,8 +287,8 @@ def test_local_plan_refuses_what_cannot_fit():
 
 
 def test_local_profile_runner_arguments_follow_the_plan(tmp_path):
-    prof = clusters.load_profile("local")
-    need, have = prof.preflight(64 * 2**20)
+    prof = clusters.load_profile("local").preflight(64 * 2**20)
+    have = prof.task_slots_and_memory()[1]
     plan = prof.plan()
     args = prof.runner_arguments()
     kw = args["cluster_kwargs"]
@@ -299,7 +302,7 @@ def test_local_profile_runner_arguments_follow_the_plan(tmp_path):
     f.write_text("cluster_type: local\nn_workers: 1\nmemory_limit: 2GiB\nthreads_per_task: 1\n"
                  "dask_config: {distributed.worker.memory.pause: 0.9}\n")
     fixed = clusters.load_profile(str(f))
-    fixed.preflight(2**20)
+    fixed = fixed.preflight(2**20)
     kw = fixed.runner_arguments()["cluster_kwargs"]
     assert (kw["n_workers"], kw["memory_limit"], fixed.threads_per_task()) == (1, 2 * GiB, 1)
     assert fixed.dask_settings()["distributed.worker.memory.pause"] == 0.9

@@ -151,11 +151,13 @@ def test_plain_deploy_all_has_working_defaults(plain):
         assert d.entrypoint == "flows/dog_filter.py:dog_filter"
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
         props = _schema(d)
-        assert props["sigma_small"]["default"] == SEED_SIGMA_SMALL and props["sigma_large"]["default"] == SEED_SIGMA_LARGE
-        assert props["channel"]["default"] == 0 and props["cluster"]["default"] == "local"
-        # the UI form offers the shipped profile names, and still takes any text (a YAML path)
-        assert {"enum": shipped_profiles(), "type": "string"} in props["cluster"]["anyOf"]
-        assert {"type": "string"} in props["cluster"]["anyOf"]
+        # not given (""): as the output was made, else the seed's sigma (flows/params.py)
+        assert props["sigma_small"]["default"] == "" and props["sigma_large"]["default"] == ""
+        assert f"{SEED_SIGMA_SMALL:.4g}" in props["sigma_small"]["description"]
+        assert f"{SEED_SIGMA_LARGE:.4g}" in props["sigma_large"]["description"]
+        assert props["channels"]["default"] == "" and props["cluster"]["default"] == "local"
+        # the UI form offers the shipped profile names, and a separate text field for a YAML path
+        assert props["cluster"]["enum"] == shipped_profiles() and props["cluster_file"]["type"] == "string"
     assert on_demand.parameters == {} and on_demand.schedules == []
     assert nightly.parameters == {"input_path": "", "output_path": ""}
     [sched] = nightly.schedules
@@ -187,10 +189,10 @@ def test_site_values_override_the_defaults(site):
         nightly = c.read_deployment_by_name("dog-filter/nightly")
         on_demand = c.read_deployment_by_name("dog-filter/on-demand")
     assert nightly.parameters == {"input_path": str(site.nightly_in), "output_path": str(site.nightly_out),
-                                  "cluster": str(site.lean_profile), "channel": CHANNEL,
-                                  "sigma_small": SS, "sigma_large": SL}
-    assert on_demand.parameters == {"cluster": str(site.lean_profile), "channel": CHANNEL,
-                                    "sigma_small": SS, "sigma_large": SL}
+                                  "cluster_file": str(site.lean_profile), "channels": str(CHANNEL),
+                                  "sigma_small": str(SS), "sigma_large": str(SL)}
+    assert on_demand.parameters == {"cluster_file": str(site.lean_profile), "channels": str(CHANNEL),
+                                    "sigma_small": str(SS), "sigma_large": str(SL)}
     [sched] = nightly.schedules
     assert (sched.schedule.timezone, sched.active) == ("America/New_York", True)
     for d in (nightly, on_demand):
@@ -353,7 +355,7 @@ def test_auth_string_server(site, tmp_path):
 
         worker = Worker(server).start()
         fr_id, res = run_deployment(server, "dog-filter/on-demand",
-                                    {"input_path": str(inp), "output_path": str(out), "channel": CHANNEL},
+                                    {"input_path": str(inp), "output_path": str(out), "channels": CHANNEL},
                                     log=tmp_path / "auth" / "cli.log")
         assert res.returncode == 0 and "Completed" in res.stdout, (
             res.stdout + res.stderr + f"\nlogs under {tmp_path / 'auth'}")

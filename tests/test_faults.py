@@ -90,7 +90,7 @@ def cluster(tmp_path):
 def _flow(inp, out, **kw):
     from flows.dog_filter import dog_filter
 
-    args = dict(input_path=str(inp), output_path=str(out), channel=0, sigma_small=SS, sigma_large=SL, retries=0,
+    args = dict(input_path=str(inp), output_path=str(out), channels=0, sigma_small=SS, sigma_large=SL, retries=0,
                 retry_delay_seconds=0)
     args.update(kw)
     return dog_filter(**args, return_state=True)
@@ -101,7 +101,7 @@ def test_worker_sigkilled_mid_position_is_recomputed(prefect_api, cluster, tmp_p
     volume_dataset(tmp_path / "in.zarr", shape=(96, 320, 320))  # each position lasts long enough to be caught
     killer = WorkerKiller(client, position=1, times=1)
     killer.start()
-    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster=str(profile))
+    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster_file=str(profile))
     killer.stop.set()
     assert len(killer.kills) == 1, f"the worker filtering position 1 should have been killed once; seen {killer.seen}"
     assert state.is_completed(), state
@@ -113,7 +113,7 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     volume_dataset(tmp_path / "in.zarr", shape=(96, 320, 320))  # each attempt lasts long enough to be caught
     killer = WorkerKiller(client, position=2, times=None)
     killer.start()
-    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster=str(profile))
+    state = _flow(tmp_path / "in.zarr", tmp_path / "out.zarr", cluster_file=str(profile))
     killer.stop.set()
     assert len(killer.kills) == 2  # allowed-failures=1: the second death is final
     assert state.is_failed()
@@ -242,7 +242,7 @@ def _latest_artifact(key):
 
 def test_artifacts_progress_table_preview(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
-    state = _flow(sample, out, channel=1)
+    state = _flow(sample, out, channels=1)
     assert state.is_completed()
     table = _latest_artifact("dog-filter-summary")
     assert "| position | channels | status | seconds | host | SLURM job | min | max | mean |" in table
@@ -312,7 +312,7 @@ def test_second_run_on_same_output_is_refused_at_once(prefect_api, tmp_path):
 
 def test_status_on_partially_complete_store(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
-    assert _flow(sample, out, channel=1, positions="0-1").is_completed()
+    assert _flow(sample, out, channels=1, positions="0-1").is_completed()
     src = zarr.open_array(str(sample), mode="r+")
     time.sleep(0.01)
     src[1, 1, 0, 0, 0] = 12345  # position 1's input changes after it was filtered

@@ -19,7 +19,7 @@ SS, SL = [1.0, 1.5, 1.5], [2.0, 4.0, 3.0]
 def _run(sample, out, **kw):
     from flows.dog_filter import dog_filter
 
-    args = dict(input_path=str(sample), output_path=str(out), channel=1, sigma_small=SS, sigma_large=SL,
+    args = dict(input_path=str(sample), output_path=str(out), channels=1, sigma_small=SS, sigma_large=SL,
                 retries=0, retry_delay_seconds=0)
     args.update(kw)
     return dog_filter(**args, return_state=True)
@@ -63,6 +63,11 @@ def test_rerun_skips_completed_work(prefect_api, sample, tmp_path):
     summary = state.result()
     assert summary["processed"] == 0 and summary["skipped"] == 3
     assert {p: Output(out).markers.read(p, 1)["finished"] for p in range(3)} == before
+    # only the two paths (a nightly deployment's parameters): sigma and channel as the output was made
+    from flows.dog_filter import dog_filter
+
+    summary = dog_filter(input_path=str(sample), output_path=str(out), return_state=True).result()
+    assert summary["processed"] == 0 and summary["skipped"] == 3 and summary["selected"] == 3
     # force recomputes all of them
     summary = _run(sample, out, force=True).result()
     assert summary["processed"] == 3
@@ -146,7 +151,7 @@ def test_ome_group_and_zarr_v2_inputs(prefect_api, tmp_path):
 
     for src in (v2, grp):
         out = tmp_path / f"{src.stem}-out.zarr"
-        state = dog_filter(input_path=str(src), output_path=str(out), channel=0, sigma_small=1.0, sigma_large=2.5,
+        state = dog_filter(input_path=str(src), output_path=str(out), channels=0, sigma_small=1.0, sigma_large=2.5,
                            return_state=True)
         assert state.is_completed(), state
         assert_output_exact(out, src, 1.0, 2.5)
@@ -165,19 +170,23 @@ def test_input_growing_along_positions_grows_output(prefect_api, sample, tmp_pat
     assert_output_exact(out, sample, SS, SL, channel=1)
 
 
-def test_flow_parameters_are_the_run_request():
-    """The flow's parameters (the UI form, `prefect deployment run --params`) and RunRequest are one list:
-    same names, same order, same defaults (from tasks.defaults)."""
+def test_flow_parameters_are_the_schema():
+    """The flow's parameters (the UI form, `prefect deployment run --params`) and RunRequest are flows.params.PARAMS:
+    same names, same order, same defaults; the docstring has one line per parameter."""
     import dataclasses
     import inspect
 
+    from flows import params
     from flows.dog_filter import dog_filter
     from flows.request import RunRequest
 
-    flow_params = [(p.name, p.default) for p in inspect.signature(dog_filter.fn).parameters.values()]
-    fields = [(f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
-              for f in dataclasses.fields(RunRequest)]
-    assert flow_params == fields
+    expected = [(p.name, p.default) for p in params.PARAMS]
+    assert [(p.name, p.default) for p in inspect.signature(dog_filter.fn).parameters.values()] == expected
+    assert [(f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(RunRequest)] == expected
+    schema = dog_filter.parameters.model_dump()["properties"]
+    assert list(schema) == [p.name for p in params.PARAMS]
+    assert all(schema[p.name]["description"] == p.doc() for p in params.PARAMS)
 
 
 def test_address_profile_joins_a_tls_scheduler(prefect_api, sample, tmp_path):
@@ -206,7 +215,7 @@ def test_address_profile_joins_a_tls_scheduler(prefect_api, sample, tmp_path):
                 "distributed.comm.tls.client.cert": str(certs / tls.CERT),
                 "distributed.comm.tls.client.key": str(certs / tls.KEY)}}))
             out = tmp_path / "out.zarr"
-            state = _run(sample, out, cluster=str(profile))
+            state = _run(sample, out, cluster_file=str(profile))
             assert state.is_completed(), state
             assert_output_exact(out, sample, SS, SL, channel=1)
     finally:

@@ -32,12 +32,12 @@ def test_kinds_own_parameters_digest_and_labels(tmp_path):
         Gaussian((1.0, 0.0, 1.0)).check()
     with pytest.raises(FilterError, match="unknown filter 'log'"):
         filters.kind_named("log")
-    assert filters.short([21.27659574468085] * 3) == "21.28" and filters.short([1, 2.5, 2.5]) == "1,2.5,2.5"
+    assert DoG((21.27659574468085,) * 3, (85.1063829787234,) * 3).describe() == "σ 21.28 / 85.11"
 
 
 def test_gaussian_request_needs_its_sigma(tmp_path):
     make_sample(tmp_path / "in.zarr", positions=1, channels=1, shape=(4, 16, 16), blobs=2)
-    with pytest.raises(ParameterError, match="the gaussian filter needs --sigma"):
+    with pytest.raises(ParameterError, match="the gaussian filter needs --sigma "):
         RunRequest(str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), filter="gaussian").validate()
     with pytest.raises(ParameterError, match="unknown filter 'median'"):
         RunRequest(str(tmp_path / "in.zarr"), str(tmp_path / "o.zarr"), filter="median", sigma="1").validate()
@@ -70,6 +70,10 @@ def test_gaussian_through_dogflow_run_is_exact_and_not_resumed_as_a_dog(tmp_path
     again = run_cli("run", inp, out, "--sigma-small", "1", "--sigma-large", "2")
     assert again.returncode == 2
     lines = again.stderr.strip().splitlines()
-    assert len(lines) == 1 and "holds a Gaussian filter, not a DoG" in lines[0], again.stderr
-    assert "--overwrite deletes its 4 complete (position, channel) pair(s)" in lines[0]
+    assert len(lines) == 1 and "was made with other parameters (--filter gaussian --sigma 1,2.5,2.5" in lines[0]
+    assert "given --sigma-small 1 --sigma-large 2" in lines[0] and "--overwrite discards its 4 computed" in lines[0]
+    # --filter dog given: the same refusal; a plain rerun continues the Gaussian output as it was made
+    assert run_cli("run", inp, out, "--filter", "dog").returncode == 2
+    cont = run_cli("run", inp, out, "--no-progress")
+    assert cont.returncode == 0 and "--filter gaussian --sigma 1,2.5,2.5" in cont.stderr + cont.stdout, cont.stderr
     assert {pc: o.markers.read(*pc)["finished"] for pc in o.markers.marked()} == before

@@ -92,7 +92,7 @@ def test_dogflow_output_as_input_sigma_in_um_and_channels_added_later(prefect_ap
     assert_channels_exact(first, inp, [0, 2], um_small, um_large)
     # dogflow's own output is an input too (its channels are the channels)
     second = tmp_path / "second.zarr"
-    assert _flow(first, second, channel=2).is_completed()
+    assert _flow(first, second, channels=2).is_completed()
     for p in range(2):
         assert_exact(Output(second).read(p, 2), Output(first).read(p, 2), SS, SL)
     assert Output(second).provenance()["input"]["layout"] == "dogflow"

@@ -72,6 +72,16 @@ def _prop(page, name: str):
     return page.locator(".schema-form-property").filter(has=label).last
 
 
+def _choices(page, name: str, expect: str) -> list[str]:
+    """The options a choice property's list offers, once ``expect`` shows (the list is left open). The empty
+    choice ("as the output was made") has no visible text."""
+    control = _prop(page, name).locator(".p-select-button__control")
+    control.focus()
+    page.keyboard.press("ArrowDown")  # opens the list (a plain click does not, in this headless Chromium)
+    page.locator(".p-select-option__text:visible", has_text=re.compile(rf"^\s*{re.escape(expect)}\s*$")).wait_for()
+    return [t.strip() for t in page.locator(".p-select-option__text:visible").all_inner_texts()]
+
+
 def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     server = ui_site
     inp = tmp_path / "ui-in.zarr"
@@ -90,23 +100,34 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run", exact=True).click()
         page.wait_for_url(re.compile(r"/run(\?|$)"))
+        # one plain field per parameter, as a new user sees the form: no type toggles ("float | list | str"),
+        # no "Property is type" notes, no long float defaults, one channel parameter
+        form = page.locator(".schema-form-property").first
+        form.wait_for()
+        text = "\n".join(page.locator(".schema-form-property").all_inner_texts())
+        assert "Property is type" not in text and " | " not in text, text[:3000]
+        assert "21.27659574468085" not in text and "85.1063829787234" not in text
+        assert _prop(page, "channel").count() == 0 and _prop(page, "channels").count() == 1
+        for name in ("sigma_small", "sigma_large", "channels", "positions", "voxel_size", "cluster_file"):
+            prop = _prop(page, name)
+            assert prop.locator(".schema-form-property__fields button").count() == 0, f"{name} has a type toggle"
+            assert prop.locator("textarea, input[type=text]").count() == 1, name
+            assert name == "cluster_file" or "e.g." in prop.inner_text(), name  # the description's example
         _prop(page, "input_path").locator("textarea").fill(str(inp))
         _prop(page, "output_path").locator("textarea").fill(str(out))
-        _prop(page, "channel").locator("input").fill("1")
-        _prop(page, "sigma_small").locator("input[type=number]").fill("1.2")
-        _prop(page, "sigma_large").locator("input[type=number]").fill("2.75")
-        positions = _prop(page, "positions")
-        positions.get_by_role("button", name="str", exact=True).click()
-        positions.locator("textarea, input[type=text]").first.fill("0-1")
-        # `cluster` offers the shipped profile names (and, on its second tab, any text: a YAML path)
-        cluster = _prop(page, "cluster").locator(".p-select-button__control")
-        cluster.focus()
-        page.keyboard.press("ArrowDown")  # opens the list (a plain click does not, in this headless Chromium)
-        page.locator(".p-select-option__text").first.wait_for()
-        offered = [t.strip() for t in page.locator(".p-select-option__text").all_inner_texts()]
+        _prop(page, "channels").locator("textarea, input[type=text]").fill("1")
+        _prop(page, "sigma_small").locator("textarea, input[type=text]").fill("1.2")
+        _prop(page, "sigma_large").locator("textarea, input[type=text]").fill("2.75")
+        _prop(page, "positions").locator("textarea, input[type=text]").fill("0-1")
+        # choice lists: mode and output dtype (with the empty "as the output was made" choice), shipped profiles
+        assert [c for c in _choices(page, "mode", "nearest") if c] == ["nearest", "reflect", "mirror", "constant", "wrap"]
+        page.keyboard.press("Escape")
+        assert [c for c in _choices(page, "output_dtype", "float32") if c] == ["float32", "uint16"]
+        page.keyboard.press("Escape")
+        offered = _choices(page, "cluster", "local")
         assert set(shipped_profiles()) <= set(offered), offered
-        page.locator(".p-select-option__text", has_text=re.compile(r"^\s*local\s*$")).click()
-        assert cluster.inner_text().strip() == "local"
+        page.locator(".p-select-option__text:visible", has_text=re.compile(r"^\s*local\s*$")).click()
+        assert _prop(page, "cluster").locator(".p-select-button__control").inner_text().strip() == "local"
         for _ in range(3):  # a 503 is this small server's busy database; the form stays and is sent again
             with page.expect_response(lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST") as created:
                 page.get_by_role("button", name="Submit", exact=True).click()
@@ -132,8 +153,8 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     assert len(runs) == 1, runs
     fr = runs[0]
     assert fr.parameters["input_path"] == str(inp) and fr.parameters["output_path"] == str(out)
-    assert fr.parameters["channel"] == 1 and fr.parameters["positions"] == "0-1"
-    assert fr.parameters["sigma_small"] == 1.2 and fr.parameters["sigma_large"] == 2.75
+    assert fr.parameters["channels"] == "1" and fr.parameters["positions"] == "0-1"
+    assert fr.parameters["sigma_small"] == "1.2" and fr.parameters["sigma_large"] == "2.75"
     assert fr.parameters.get("cluster", "local") == "local"
 
     final = wait_flow_run(server, str(fr.id), timeout=300)

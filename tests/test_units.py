@@ -1,4 +1,4 @@
-"""σ, FWHM and voxel sizes with units (flows/units.py): parsing, conversion to voxels, one-line errors."""
+"""σ, FWHM and voxel sizes with units (tasks/units.py): parsing, conversion to voxels, one-line errors."""
 
 from __future__ import annotations
 

@@ -9,11 +9,17 @@ states only what differs, as class attributes and a few overridden methods:
 ``setup()``         defaults and checks of its keys (TLS, lifetime, required keys);
 ``task_slots_and_memory()`` / ``threads_per_task()`` / ``runner_arguments()`` /
 ``job_script()`` / ``session()`` / ``plan_lines()`` where the default does not fit.
+
+A profile does not change once made. What a run adds, the memory one position needs and how many
+positions it has, makes a new profile: :meth:`ClusterProfile.sized` (a copy with ``need`` and ``tasks``
+set, checked against the memory of a task slot). A kind that can start its cluster while the caller does
+other work returns an object for it from :meth:`ClusterProfile.start_early` (the caller owns it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import re
@@ -116,7 +122,8 @@ class ClusterProfile:
             if self.max_workers < 1 or self.max_workers < self.min_workers:
                 raise ProfileError(f"{name}: need 1 <= max_workers and min_workers <= max_workers")
         self.kwargs: dict[str, Any] = d
-        self.need: int | None = None  # bytes one task needs, once preflight() has run
+        self.need: int | None = None  # bytes one task needs (a sized() copy)
+        self.tasks: int | None = None  # positions the run has to filter (a sized() copy), None: unknown
         self.setup()
 
     @classmethod
@@ -147,12 +154,27 @@ class ClusterProfile:
         """FFT threads per task, or None to let each worker decide (its CPUs // its task slots)."""
         return self.fixed_threads or None
 
-    def preflight(self, need_bytes_per_task: int) -> tuple[int, int | None]:
-        """Checks on this host before anything is submitted: the network interface, then memory.
+    def sized(self, need_bytes_per_task: int, tasks: int | None = None) -> "ClusterProfile":
+        """A copy of this profile for positions that need ``need_bytes_per_task`` at their peak (the caller asks
+        the filter's memory plan), ``tasks`` of them (None: not known yet); raises a one-line ProfileError when a
+        task slot has less memory. This profile is left as it is."""
+        new = copy.copy(self)
+        new.need = int(need_bytes_per_task)
+        new.tasks = None if tasks is None else max(1, int(tasks))
+        new.size()
+        slots, have = new.task_slots_and_memory()
+        if have is not None and have < new.need:
+            raise ProfileError(
+                f"{self.name}: one position needs about {gib(new.need)} per task, but a worker has {gib(have)} "
+                f"per task ({slots} task slot(s) per worker process); raise memory or lower cores per process"
+            )
+        return new
 
-        ``need_bytes_per_task`` is what one position needs at its peak (the caller asks the
-        filter's memory plan). Returns ``(need, have)``; raises a one-line ProfileError.
-        """
+    def size(self) -> None:
+        """Kind-specific sizing of a :meth:`sized` copy (from ``self.need`` and ``self.tasks``). Default: none."""
+
+    def preflight(self, need_bytes_per_task: int) -> "ClusterProfile":
+        """Checks on this host before anything is submitted (the network interface), then :meth:`sized`."""
         iface = self.kwargs.get("interface")
         if iface:
             import psutil
@@ -161,18 +183,11 @@ class ClusterProfile:
             if iface not in names:
                 raise ProfileError(f"{self.name}: network interface {iface!r} does not exist on this host; "
                                    f"choose one of {', '.join(names)}")
-        return self.check_memory(need_bytes_per_task)
+        return self.sized(need_bytes_per_task)
 
-    def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
+    def check_memory(self, need_bytes_per_task: int) -> "ClusterProfile":
         """The memory part of :meth:`preflight` alone (``dogflow plan``, which may run on another host)."""
-        self.need = int(need_bytes_per_task)
-        slots, have = self.task_slots_and_memory()
-        if have is not None and have < self.need:
-            raise ProfileError(
-                f"{self.name}: one position needs about {gib(self.need)} per task, but a worker has {gib(have)} "
-                f"per task ({slots} task slot(s) per worker process); raise memory or lower cores per process"
-            )
-        return self.need, have
+        return self.sized(need_bytes_per_task)
 
     # -- the task runner ------------------------------------------------------------
 
@@ -219,14 +234,11 @@ class ClusterProfile:
         """The context a run executes in on this host (runner mode: the allocation's ranks). Default: none."""
         return contextlib.nullcontext()
 
-    def for_tasks(self, n: int) -> None:
-        """The run has ``n`` positions to filter (a kind that sizes itself may use fewer workers). Default: ignored."""
-
-    def started(self):
-        """A context in which the cluster may already be starting while the caller does other work (the CLI,
-        while its temporary Prefect API boots); :meth:`build_task_runner` then joins it. Default: nothing
-        starts early, the task runner starts the cluster."""
-        return contextlib.nullcontext()
+    def start_early(self) -> Any:
+        """Start the cluster now, while the caller does other work (the CLI, while its temporary Prefect API
+        boots): an object with ``task_runner()`` (a ``DaskTaskRunner`` that joins it) and ``close()``, owned by
+        the caller; or None, and the task runner starts the cluster. Default: None."""
+        return None
 
     def tls(self) -> str:
         """How scheduler, workers and the flow's client talk, in words."""

@@ -22,12 +22,11 @@ thresholds off (``dask_config`` in the profile wins) and sizes against ``termina
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from flows.clusters.base import ClusterProfile, ProfileError, gib, parse_bytes
 
@@ -104,8 +103,7 @@ class LocalProfile(ClusterProfile):
         return set(LOCAL_KEYS)
 
     def setup(self) -> None:
-        self._plan: LocalPlan | None = None
-        self._tasks: int | None = None
+        self.local_plan: LocalPlan | None = None  # set on a sized() copy
         mem = self.kwargs.get("memory_limit")
         self._memory_limit = None if mem in (None, "auto") else parse_bytes(mem)
 
@@ -116,30 +114,20 @@ class LocalProfile(ClusterProfile):
                                      dask.config.get("distributed.worker.memory.terminate", 0.95))
         return float(value) if value else 1.0
 
-    def plan(self, need: int | None = None) -> LocalPlan:
-        """Size the cluster for ``need`` bytes per position (None: the need given to preflight, else 0)."""
-        if need is None and self._plan is not None:
-            return self._plan
-        need = (self.need or 0) if need is None else need
+    def plan(self) -> LocalPlan:
+        """Workers, slots, memory and threads: a sized copy's plan, else the plan for ``need`` 0 on this machine."""
+        return self.local_plan or self._plan_for(0, None)
+
+    def _plan_for(self, need: int, tasks: int | None) -> LocalPlan:
         cores, usable, _, _ = machine()
         workers = self.max_workers if self.adaptive else self.n_workers
-        self._plan = plan_local(cores, usable, need, terminate=self._terminate(), n_workers=workers,
-                                threads_per_worker=self.kwargs.get("threads_per_worker"),
-                                memory_limit=self._memory_limit, threads_per_task=self.fixed_threads, name=self.name,
-                                tasks=self._tasks)
-        return self._plan
+        return plan_local(cores, usable, need, terminate=self._terminate(), n_workers=workers,
+                          threads_per_worker=self.kwargs.get("threads_per_worker"), memory_limit=self._memory_limit,
+                          threads_per_task=self.fixed_threads, name=self.name, tasks=tasks)
 
-    def for_tasks(self, n: int) -> None:
-        """The run has ``n`` positions to filter: no more workers than that (their cores go to fewer tasks).
-        Told the same again (the CLI, then the flow), the plan the cluster may already run on is kept."""
-        n = max(1, int(n))
-        if n != self._tasks:
-            self._tasks, self._plan = n, None
-
-    def check_memory(self, need_bytes_per_task: int) -> tuple[int, int | None]:
-        self._plan = None
-        self.plan(int(need_bytes_per_task))  # refuses a position that cannot fit
-        return super().check_memory(need_bytes_per_task)
+    def size(self) -> None:
+        # refuses a position that cannot fit; no more workers than tasks (their cores go to fewer tasks)
+        self.local_plan = self._plan_for(self.need or 0, self.tasks)
 
     def task_slots_and_memory(self) -> tuple[int, int | None]:
         plan = self.plan()
@@ -148,42 +136,10 @@ class LocalProfile(ClusterProfile):
     def threads_per_task(self) -> int | None:
         return self.plan().threads_per_task
 
-    @contextlib.contextmanager
-    def started(self) -> Iterator[None]:
-        """Start the LocalCluster now, in a background thread (its worker processes spawn and import while the
-        caller waits for something else); the task runner joins it by address; closed when the block ends.
-        Workers inherit this process's environment as it is now (``PREFECT_API_URL`` must already be set)."""
-        import dask
-        from distributed import LocalCluster
-
-        dask.config.set(self.dask_settings())
-        self.prepare()
-        early: dict[str, Any] = {}
-
-        def start() -> None:
-            try:
-                early["cluster"] = LocalCluster(**self.runner_arguments()["cluster_kwargs"])
-            except BaseException as exc:  # reported when the task runner asks for the cluster
-                early["error"] = exc
-
-        thread = threading.Thread(target=start, name="dogflow-early-cluster", daemon=True)
-        thread.start()
-        self._early = (thread, early)
-        try:
-            yield
-        finally:
-            self._early = None
-            thread.join()
-            if "cluster" in early:
-                early["cluster"].close()
+    def start_early(self) -> "EarlyCluster":
+        return EarlyCluster(self)
 
     def runner_arguments(self) -> dict[str, Any]:
-        if getattr(self, "_early", None) is not None:  # started early: join it
-            thread, early = self._early
-            thread.join()
-            if "error" in early:
-                raise early["error"]
-            return {"address": early["cluster"].scheduler_address}
         plan = self.plan()
         kwargs = {**self.kwargs, "threads_per_worker": plan.threads_per_worker, "memory_limit": plan.memory_limit}
         # Dask's lines on this terminal (the workers share it): the level `dogflow run` chose (-v: INFO)
@@ -209,3 +165,41 @@ class LocalProfile(ClusterProfile):
 
     def tls(self) -> str:
         return "off (one machine, loopback)" if not self.kwargs.get("security") else "on"
+
+
+class EarlyCluster:
+    """A profile's LocalCluster starting now, in a background thread: its worker processes spawn and import
+    while the caller waits for something else (the temporary Prefect API). :meth:`task_runner` joins it by
+    address; :meth:`close` (the caller's, when the run ends) stops it. Workers inherit this process's
+    environment as it is now (``PREFECT_API_URL`` must already be set)."""
+
+    def __init__(self, profile: LocalProfile):
+        import dask
+
+        dask.config.set(profile.dask_settings())
+        profile.prepare()
+        self._result: dict[str, Any] = {}
+        kwargs = profile.runner_arguments()["cluster_kwargs"]
+        self._thread = threading.Thread(target=self._start, args=(kwargs,), name="dogflow-early-cluster", daemon=True)
+        self._thread.start()
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        from distributed import LocalCluster
+
+        try:
+            self._result["cluster"] = LocalCluster(**kwargs)
+        except BaseException as exc:  # reported when the task runner asks for the cluster
+            self._result["error"] = exc
+
+    def task_runner(self):
+        from prefect_dask import DaskTaskRunner
+
+        self._thread.join()
+        if "error" in self._result:
+            raise self._result["error"]
+        return DaskTaskRunner(address=self._result["cluster"].scheduler_address)
+
+    def close(self) -> None:
+        self._thread.join()
+        if "cluster" in self._result:
+            self._result.pop("cluster").close()
