@@ -80,8 +80,8 @@ def dog_filter(
             runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
-        rows = _map(spec, pending, skipped)
-        return _summarise(spec, skipped, rows, logger)
+        mapped = _map(spec, pending, skipped)
+        return _summarise(spec, skipped, mapped["rows"], logger, mapped["lost_workers"])
 
 
 @flow(name="dog-filter-positions", log_prints=True, persist_result=False)
@@ -96,8 +96,9 @@ def filter_positions(
     allow_missing_chunks: bool = False,
     already_done: int = 0,
     channels: Optional[list[list[int]]] = None,
-) -> list[dict[str, Any]]:
-    """Map :func:`tasks.position.filter_position` over ``positions`` (with their ``channels``) on this flow's task runner."""
+) -> dict[str, Any]:
+    """Map :func:`tasks.position.filter_position` over ``positions`` (with their ``channels``) on this flow's task runner;
+    returns the positions' rows and the worker jobs the cluster lost (and replaced) meanwhile."""
     logger = get_run_logger()
     task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
@@ -112,7 +113,7 @@ def filter_positions(
         # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
         fut.wrapped_future.release()
         progress.step()
-    return sorted(rows, key=lambda r: r["position"])
+    return {"rows": sorted(rows, key=lambda r: r["position"]), "lost_workers": outcomes.lost_workers(logger)}
 
 
 def _no_dataset(logger: logging.Logger):
@@ -160,11 +161,11 @@ def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], 
     return pending, skipped
 
 
-def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dict[str, Any]]:
+def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> dict[str, Any]:
     """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending)."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
-        return []
+        return {"rows": [], "lost_workers": []}
     spec.profile.for_tasks(len(pending))
     return filter_positions.with_options(task_runner=spec.profile.build_task_runner())(
         spec.input_path, spec.output_path, list(pending), spec.params.as_dict(), spec.profile.threads_per_task(),
@@ -173,10 +174,11 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int) -> list[dic
     )
 
 
-def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: logging.Logger) -> dict[str, Any]:
-    summary = run_summary(spec, skipped, rows)
+def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: logging.Logger,
+               lost_workers: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = run_summary(spec, skipped, rows, lost_workers)
     failed = summary["failed"]
-    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows)
+    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, lost_workers)
     logger.info(
         "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
         summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,
@@ -187,8 +189,9 @@ def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: 
     return summary
 
 
-def run_summary(spec: RunSpec, skipped: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run returns: counts, failed positions and one row per filtered position."""
+def run_summary(spec: RunSpec, skipped: int, rows: list[dict[str, Any]],
+                lost_workers: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """What a run returns: counts, failed positions, one row per filtered position, the worker jobs lost."""
     failed = [r["position"] for r in rows if r["status"] != "completed"]
     return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
-            "skipped": skipped, "failed": failed, "positions": rows}
+            "skipped": skipped, "failed": failed, "positions": rows, "lost_workers": list(lost_workers or [])}

@@ -112,6 +112,16 @@ def dask_client() -> Any:
         return None
 
 
+def lost_workers(logger: logging.Logger) -> list[dict[str, Any]]:
+    """The worker jobs the run's cluster lost and replaced (:mod:`flows.clusters.keeper`), each logged once."""
+    from flows.clusters.keeper import LostJob, lost_jobs
+
+    lost = lost_jobs(dask_client())
+    for job in lost:
+        logger.warning("worker job %s was lost during the run and replaced", LostJob(**job).describe())
+    return lost
+
+
 def log_dashboard(logger: logging.Logger) -> None:
     """Log the Dask dashboard link and save it as the ``dask-dashboard`` link artifact."""
     client = dask_client()

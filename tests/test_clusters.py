@@ -192,7 +192,7 @@ def test_a_new_scheduler_is_one_subclass():
         prof = parse_profile({"cluster_type": "htcondor", "cores": 2, "memory": "8GiB", "disk": "1GiB",
                               "max_workers": 4}, "condor.yaml")
         assert type(prof) is HTCondorProfile
-        assert prof.runner_arguments()["cluster_class"] == "dask_jobqueue.HTCondorCluster"
+        assert prof.runner_arguments()["cluster_class"] == "flows.clusters.keeper.HTCondorCluster"
         assert prof.task_slots_and_memory() == (1, 4 * GiB)  # one slot per worker process (processes: cores)
         assert prof.kwargs["security"] is True and prof.runner_arguments()["adapt_kwargs"] == {"minimum": 0, "maximum": 4}
         script = prof.job_script()

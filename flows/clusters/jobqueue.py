@@ -84,7 +84,7 @@ class JobqueueProfile(ClusterProfile):
 
     @property
     def cluster_class(self) -> str:  # type: ignore[override]
-        return f"dask_jobqueue.{self.jobqueue_class}"
+        return f"flows.clusters.keeper.{self.jobqueue_class}"  # dask-jobqueue's class, resubmitting lost jobs
 
     def setup(self) -> None:
         if self.n_workers is None and self.max_workers is None:
