@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from tasks import errors
+
 
 def error_line(exc: Optional[BaseException]) -> str:
     if exc is None:
@@ -31,7 +33,8 @@ def outcome(fut: Any, position: int, logger: logging.Logger) -> dict[str, Any]:
         if fut.state.is_completed():
             return {**fut.result(), "status": "completed"}
         err = fut.result(raise_on_failure=False)
-        line = error_line(err if isinstance(err, BaseException) else None)
+        exc = err if isinstance(err, BaseException) else None
+        line = errors.failure_line(exc, error_line(exc))  # names the cause of a permanent failure
     logger.error("position %d failed for good: %s", position, line)
     log_worker_logs(logger)
     return {"position": position, "status": "failed", "error": line}

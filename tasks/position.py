@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import defaults, filters, preview, store
+from tasks import defaults, errors, filters, preview, store
 from tasks.inputs import Dataset, open_dataset
 
 
@@ -120,6 +120,7 @@ filter_position = task(
     task_run_name="position-{position}",
     retries=defaults.RETRIES,
     retry_delay_seconds=defaults.RETRY_DELAY_SECONDS,
+    retry_condition_fn=errors.retry_condition,  # permanent failures (full disk, corrupt chunk) are not retried
     persist_result=False,
     cache_policy=NO_CACHE,
 )
