@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import clusters, outcomes, reports, runlog
+from flows import clusters, collisions, outcomes, reports, runlog
 from flows.request import ParameterError, RunRequest, RunSpec, Sigma, validated
 from tasks import defaults, store
 from tasks.inputs import open_dataset
@@ -76,8 +76,15 @@ def dog_filter(
     if not input_path:  # a deployment without a dataset (prefect.yaml's nightly before site values are set)
         return _no_dataset(logger)
     spec = _validate(request, logger)
-    with store.RunLock(spec.output_path, run_id=str(flow_run.get_id() or "")), \
-            runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
+    lock = store.RunLock(spec.output_path, run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or "")
+    try:
+        lock.acquire()
+    except store.RunLockedError:  # a live run writes this output: fail, or end Completed (nightly; flows.collisions)
+        state = collisions.completed_when_locked(spec.output_path, logger)
+        if state is None:
+            raise
+        return state
+    with lock, runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
         mapped = _map(spec, pending, skipped)
@@ -121,7 +128,7 @@ def _no_dataset(logger: logging.Logger):
 
     msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
     logger.warning(msg)
-    return Completed(name="Skipped", message=msg)
+    return Completed(message=msg)  # Prefect's standard name: custom ones drop out of the UI's default filters
 
 
 def _validate(request: RunRequest, logger: logging.Logger) -> RunSpec:

@@ -677,9 +677,10 @@ class RunLock:
     refreshes the file's mtime (heartbeat) via :meth:`heartbeat`.
     """
 
-    def __init__(self, out: str | os.PathLike, run_id: str = "", stale_after: float = 600.0):
+    def __init__(self, out: str | os.PathLike, run_id: str = "", stale_after: float = 600.0, run_name: str = ""):
         self.path = lock_path(out)
         self.run_id = run_id
+        self.run_name = run_name  # the flow run's name, for whoever finds the output locked
         self.stale_after = stale_after
         self.held = False
         self._stop = threading.Event()
@@ -723,7 +724,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id, "started": time.time()}
+            {"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id, "run_name": self.run_name,
+             "started": time.time()}
         )
         for _ in range(3):
             try:
@@ -761,7 +763,7 @@ class RunLock:
             self.held = False
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        return self if self.held else self.acquire()  # taken already (the flow's collision check) or now
 
     def __exit__(self, *exc: object) -> None:
         self.release()
