@@ -75,8 +75,10 @@ def test_walltime_adds_lifetime():
     kept = parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00", "max_workers": 2,
                           "worker_extra_args": ["--lifetime", "10m"]}, "p")
     assert kept.kwargs["worker_extra_args"] == ["--lifetime", "10m"]
-    with pytest.warns(UserWarning, match="n_workers is fixed"):
-        parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00"}, "p")
+    with warnings.catch_warnings():  # fixed size is fine: the cluster replaces retired jobs (flows.clusters.keeper)
+        warnings.simplefilter("error")
+        fixed = parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00"}, "p")
+    assert fixed.kwargs["worker_extra_args"] == ["--lifetime", "3240s", "--lifetime-stagger", "162s"]
     assert clusters.parse_walltime("04:00", "HH:MM") == 4 * 3600
     assert clusters.parse_walltime("1-00:30:00") == 86400 + 1800
 

@@ -28,10 +28,7 @@ from flows.clusters.base import import_class
 from flows.sample import make_sample
 from prefect_services import require
 
-pytestmark = [
-    pytest.mark.sge,
-    pytest.mark.filterwarnings("ignore:.*n_workers is fixed:UserWarning"),
-]
+pytestmark = [pytest.mark.sge]
 
 PROFILE = Path(__file__).resolve().parent / "profiles" / "sge-test.yaml"  # 2 jobs, job name dogflow-sge
 JOB_NAME = "dogflow-sge"

@@ -31,11 +31,7 @@ from tasks.store import read_marker
 
 from conftest import ROOT, assert_output_exact, run_cli
 
-pytestmark = [
-    pytest.mark.slurm,
-    # slurm-test.yaml has a walltime and a fixed n_workers on purpose (short runs, scancel test).
-    pytest.mark.filterwarnings("ignore:.*n_workers is fixed:UserWarning"),
-]
+pytestmark = [pytest.mark.slurm]
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 FIXED = PROFILES / "slurm-test.yaml"          # n_workers: 2, job name dogflow-worker
