@@ -98,8 +98,25 @@ ensure_cell() {
     for n in "$(hostname)" "$(hostname -s 2>/dev/null || true)" "$(hostname -f 2>/dev/null || true)"; do
         [[ -n $n && $n != "$HOST" && " $names " != *" $n "* ]] && names="$names $n"
     done
-    echo "$names" >"$COMMON/host_aliases"
+    ALIASES_CHANGED=0
+    if [[ "$(cat "$COMMON/host_aliases" 2>/dev/null || true)" != "$names" ]]; then
+        echo "$names" >"$COMMON/host_aliases"
+        ALIASES_CHANGED=1
+    fi
     echo "$HOST" >"$COMMON/act_qmaster"
+}
+
+restart_if_aliases_changed() {
+    # daemons started before the aliases existed (an init script elsewhere) know this host by another name
+    ((ALIASES_CHANGED)) || return 0
+    local f i
+    for f in "$(execd_pid)" "$(qmaster_pid)"; do
+        if pid_alive "$f"; then
+            log "restarting $(basename "$f" .pid) (host aliases changed)"
+            kill "$(tr -dc '0-9' <"$f")" 2>/dev/null || true
+            for ((i = 0; i < 40; i++)); do pid_alive "$f" || break; sleep 0.5; done
+        fi
+    done
 }
 
 # ---------------------------------------------------------------- configuration
@@ -154,6 +171,7 @@ queue_ready() {  # all.q@localhost listed, with no alarm/unknown/disabled/error 
 start() {
     ensure_packages
     ensure_cell
+    restart_if_aliases_changed
     if ! pid_alive "$(qmaster_pid)"; then
         log "starting sge_qmaster"
         /usr/sbin/sge_qmaster || fail "sge_qmaster did not start"
