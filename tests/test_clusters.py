@@ -450,3 +450,29 @@ def test_worker_jobs_get_dogflows_dask_settings(kind, tmp_path):
         cfg = dask.config.collect_env({"DASK_INTERNAL_INHERIT_CONFIG": exported.group(1)})
         assert cfg["distributed"]["nanny"]["pre-spawn-environ"] == {"MALLOC_TRIM_THRESHOLD_": None}
         assert cfg["distributed"]["worker"]["profile"]["enabled"] is False
+
+
+def test_summary_names_lost_worker_jobs():
+    from dataclasses import asdict
+
+    from flows import reports
+    from flows.clusters.keeper import LostJob
+
+    job = asdict(LostJob("SLURMCluster-1", "4711", ("tls://127.0.0.1:40001",), 1.0))
+    md = reports.summary_markdown("in.zarr", "out.zarr", 0, [], [job])
+    assert "- lost worker job (replaced): SLURMCluster-1 (job 4711, workers tls://127.0.0.1:40001)" in md
+    assert "lost worker" not in reports.summary_markdown("in.zarr", "out.zarr", 0, [])
+
+
+def test_every_jobqueue_class_has_a_keeping_version():
+    import dask_jobqueue
+
+    from flows.clusters import keeper
+    from flows.clusters.base import import_class
+
+    for name in ("SLURMCluster", "PBSCluster", "LSFCluster", "SGECluster", "HTCondorCluster"):
+        cls = import_class(f"flows.clusters.keeper.{name}")
+        assert issubclass(cls, keeper.KeepsJobs) and issubclass(cls, getattr(dask_jobqueue, name))
+        assert cls is import_class(f"flows.clusters.keeper.{name}")  # made once
+    with pytest.raises(ProfileError):
+        import_class("flows.clusters.keeper.LocalCluster")

@@ -376,13 +376,20 @@ def test_scancel_all_workers_at_once_mid_run(tmp_path):
     """A node lost with all its worker jobs: both jobs of the fixed 2-worker profile are cancelled at once as
     soon as the first position is complete. The cluster submits replacements (it would otherwise wait
     forever), every position is filtered exactly, and the summary names the lost jobs."""
+    import yaml
+
     inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
     P = 8
     make_sample(inp, positions=P, channels=1, shape=(16, 96, 96), blobs=10, seed=6)
+    # the fixed profile under a job name of this test alone: it cancels every job of that name (the SLURM is shared)
+    name = f"dogflow-lost-{os.getpid()}"
+    profile = tmp_path / "lost.yaml"
+    profile.write_text(yaml.safe_dump({**yaml.safe_load(FIXED.read_text()), "job_name": name,
+                                       "log_directory": str(tmp_path / "logs")}))
     killed: dict = {}
     done = threading.Event()
 
-    with QueueWatch("dogflow-worker", interval=0.2) as watch:
+    with QueueWatch(name, interval=0.2) as watch:
         before = set(watch.poll())
 
         def killer():
@@ -399,7 +406,7 @@ def test_scancel_all_workers_at_once_mid_run(tmp_path):
         t.start()
         try:
             r = run_cli("run", inp, out, "--channel", 0, "--sigma-small", "2", "--sigma-large", "6",
-                        "--cluster", FIXED, "--no-progress", "--retry-delay", "0", timeout=240)
+                        "--cluster", profile, "--no-progress", "--retry-delay", "0", timeout=240)
         finally:
             done.set()
             t.join(timeout=30)
@@ -418,4 +425,8 @@ def test_scancel_all_workers_at_once_mid_run(tmp_path):
     # the summary names both lost jobs
     lost = [line for line in r.stdout.splitlines() if "was lost during the run and replaced" in line]
     assert sorted(re.search(r"\(job (\d+),", line).group(1) for line in lost) == killed["jobs"], r.stdout
+    [run_log] = [p for p in (out / "dogflow" / "logs").glob("*.log")]  # the flow's own log names them too
+    text = run_log.read_text()
+    assert all(f"(job {job}, workers " in text and "was lost during the run and replaced" in text
+               for job in killed["jobs"]), text[-3000:]
     assert not after
