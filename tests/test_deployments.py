@@ -313,6 +313,7 @@ class HeldScheduler:
         self.workdir, self.server = workdir, server
         self.file = workdir / "held-scheduler.json"
         self.procs: list = []
+        self.logs: list = []
 
     def __enter__(self) -> "HeldScheduler":
         import json
@@ -324,7 +325,7 @@ class HeldScheduler:
         self.procs.append(subprocess.Popen(
             [str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(self.file)], cwd=self.workdir, env=env, stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "held-scheduler.log", "wb"), start_new_session=True))
+            stderr=self._log("held-scheduler.log"), start_new_session=True))
         deadline = time.monotonic() + 60
         while not self.file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -332,6 +333,10 @@ class HeldScheduler:
         self.profile = self.workdir / "held.yaml"
         self.profile.write_text(f"cluster_type: address\naddress: {self.address}\n")
         return self
+
+    def _log(self, name: str):
+        self.logs.append(open(self.workdir / name, "wb"))
+        return self.logs[-1]
 
     def add_worker(self) -> None:
         import subprocess
@@ -341,13 +346,15 @@ class HeldScheduler:
         self.procs.append(subprocess.Popen(
             [str(VENV_BIN / "dask"), "worker", self.address, "--nthreads", "2", "--no-dashboard"],
             cwd=ROOT, env=self.server.client_env(), stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "held-worker.log", "wb"), start_new_session=True))
+            stderr=self._log("held-worker.log"), start_new_session=True))
 
     def __exit__(self, *exc) -> None:
         from prefect_services import _stop_group
 
         for p in reversed(self.procs):
             _stop_group(p)
+        for f in self.logs:
+            f.close()
 
 
 def test_nightly_meeting_a_live_run_completes_naming_it(site, nightly_first):
