@@ -25,7 +25,7 @@ test: venv
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -ra -m "not slurm and not server and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -m "not slurm and not sge and not server and not browser" $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python benchmarks/engine.py

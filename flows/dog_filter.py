@@ -18,9 +18,10 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import outcomes, params, reports, run, runlog
+from flows import collisions, outcomes, params, reports, run, runlog
 from flows.request import ParameterError, RunRequest, RunSpec
 from tasks import defaults
+from tasks.lock import RunLockedError
 from tasks.markers import MarkerState
 from tasks.output import Output
 from tasks.position import PositionResult, position_task
@@ -39,13 +40,22 @@ def _dog_filter(*args: Any, **kwargs: Any) -> dict[str, Any]:
     spec = prepared.spec if prepared is not None else _validate(request, logger)
     if spec.notice:
         logger.info("%s", spec.notice)
-    lock = contextlib.nullcontext() if prepared is not None else Output(spec.output_path).lock(
-        run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or "")
+    if prepared is not None:
+        lock = contextlib.nullcontext()  # the entry point holds it
+    else:
+        lock = Output(spec.output_path).lock(run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or "")
+        try:
+            lock.acquire()
+        except RunLockedError:  # a live run writes this output: fail, or end Completed (nightly; flows.collisions)
+            state = collisions.completed_when_locked(spec.output_path, logger)
+            if state is None:
+                raise
+            return state
     with lock, runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
-        rows = _map(spec, pending, skipped, prepared)
-        return _summarise(spec, skipped, rows, logger)
+        mapped = _map(spec, pending, skipped, prepared)
+        return _summarise(spec, skipped, mapped["rows"], logger, mapped["lost_workers"])
 
 
 # The flow's parameters are flows.params.PARAMS: the signature (what Prefect validates, and the UI form)
@@ -69,9 +79,10 @@ def filter_positions(
     allow_missing_chunks: bool = False,
     already_done: int = 0,
     channels: Optional[list[list[int]]] = None,
-) -> list[PositionResult]:
+) -> dict[str, Any]:
     """Map the filter's position task (:mod:`tasks.position`) over ``positions`` (with their ``channels``) on this
-    flow's task runner."""
+    flow's task runner; returns the positions' results (``rows``) and the worker jobs the cluster lost (and
+    replaced) meanwhile."""
     logger = get_run_logger()
     kind = str(params.get("filter", defaults.FILTER))
     task = position_task(kind).with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -87,7 +98,7 @@ def filter_positions(
         # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
         fut.wrapped_future.release()
         progress.step()
-    return sorted(rows, key=lambda r: r.position)
+    return {"rows": sorted(rows, key=lambda r: r.position), "lost_workers": outcomes.lost_workers(logger)}
 
 
 def _no_dataset(logger: logging.Logger):
@@ -95,7 +106,7 @@ def _no_dataset(logger: logging.Logger):
 
     msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
     logger.warning(msg)
-    return Completed(name="Skipped", message=msg)
+    return Completed(message=msg)  # Prefect's standard name: custom ones drop out of the UI's default filters
 
 
 def _validate(request: Any, logger: logging.Logger) -> RunSpec:
@@ -124,12 +135,12 @@ def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], 
 
 
 def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int, prepared: Optional[run.Prepared]
-         ) -> list[PositionResult]:
+         ) -> dict[str, Any]:
     """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending):
     the entry point's early cluster when it prepared one, else the profile sized for the pending positions."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
-        return []
+        return {"rows": [], "lost_workers": []}
     if prepared is not None:
         runner = prepared.task_runner(len(pending))
     else:
@@ -142,10 +153,11 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int, prepared: O
     )
 
 
-def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: logging.Logger) -> dict[str, Any]:
-    summary = run.run_summary(spec, skipped, rows)
+def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: logging.Logger,
+               lost_workers: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = run.run_summary(spec, skipped, rows, lost_workers)
     failed = summary["failed"]
-    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, spec.params.kind)
+    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, spec.params.kind, lost_workers)
     logger.info(
         "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
         summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,

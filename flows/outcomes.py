@@ -18,6 +18,7 @@ from typing import Any, Optional
 from distributed import KilledWorker
 
 from tasks.position import TASK_RUN_NAME, PositionResult
+from tasks import errors
 
 
 def error_line(exc: Optional[BaseException]) -> str:
@@ -35,7 +36,8 @@ def outcome(fut: Any, position: int, logger: logging.Logger) -> PositionResult:
         if fut.state.is_completed():
             return fut.result()
         err = fut.result(raise_on_failure=False)
-        line = error_line(err if isinstance(err, BaseException) else None)
+        exc = err if isinstance(err, BaseException) else None
+        line = errors.failure_line(exc, error_line(exc))  # names the cause of a permanent failure
     logger.error("position %d failed for good: %s", position, line)
     log_worker_logs(logger)
     return PositionResult.failed(position, line)
@@ -114,6 +116,16 @@ def dask_client() -> Any:
         return runner.client if runner is not None and hasattr(type(runner), "client") else None
     except Exception:
         return None
+
+
+def lost_workers(logger: logging.Logger) -> list[dict[str, Any]]:
+    """The worker jobs the run's cluster lost and replaced (:mod:`flows.clusters.keeper`), each logged once."""
+    from flows.clusters.keeper import LostJob, lost_jobs
+
+    lost = lost_jobs(dask_client())
+    for job in lost:
+        logger.warning("worker job %s was lost during the run and replaced", LostJob(**job).describe())
+    return lost
 
 
 def log_dashboard(logger: logging.Logger) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from tasks.filters import kind_named
 from tasks.output import Output
@@ -83,7 +83,8 @@ def preview_artifact(output_path: str, position: int, channel: int, kind: str) -
     )
 
 
-def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[PositionResult]) -> str:
+def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[PositionResult],
+                     lost_workers: Sequence[dict[str, Any]] = ()) -> str:
     done = sum(r.completed for r in rows)
     failed = [r for r in rows if not r.completed]
     lines = [
@@ -92,6 +93,7 @@ def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list
         f"- input: `{input_path}`",
         f"- output: `{output_path}`",
         f"- processed: **{done}**, skipped (complete and unchanged): **{skipped}**, failed: **{len(failed)}**",
+        *[f"- lost worker job (replaced): {lost_line(j)}" for j in lost_workers],
         "",
         "| position | channels | status | seconds | host | SLURM job | min | max | mean |",
         "|---:|---|---|---:|---|---|---:|---:|---:|",
@@ -107,7 +109,15 @@ def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list
     return "\n".join(lines)
 
 
-def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[PositionResult], kind: str) -> None:
+def lost_line(job: dict[str, Any]) -> str:
+    """One lost worker job (a ``flows.clusters.keeper.LostJob`` as a dict), in words."""
+    from flows.clusters.keeper import LostJob
+
+    return LostJob(**job).describe()
+
+
+def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[PositionResult], kind: str,
+                    lost_workers: Sequence[dict[str, Any]] = ()) -> None:
     """The summary table artifact, and the preview of the middle completed position."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -116,7 +126,7 @@ def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[
         middle = done_rows[len(done_rows) // 2]
         preview_artifact(output_path, middle.position, middle.channels[0], kind)
     create_markdown_artifact(
-        markdown=summary_markdown(input_path, output_path, skipped, rows),
+        markdown=summary_markdown(input_path, output_path, skipped, rows, lost_workers),
         key="dog-filter-summary",
         description="dog-filter: per-position results",
     )

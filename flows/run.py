@@ -103,13 +103,14 @@ def pending_work(spec: Any) -> tuple[dict[int, list[int]], list[Any]]:
     return pending, rows
 
 
-def run_summary(spec: Any, skipped: int, rows: list[Any]) -> dict[str, Any]:
-    """What a run returns (plain JSON): counts, failed positions, the (position, channel) pairs computed, and
-    one record per filtered position (``rows``: :class:`tasks.position.PositionResult`)."""
+def run_summary(spec: Any, skipped: int, rows: list[Any], lost_workers: Optional[list[dict[str, Any]]] = None
+                ) -> dict[str, Any]:
+    """What a run returns (plain JSON): counts, failed positions, the (position, channel) pairs computed, one
+    record per filtered position (``rows``: :class:`tasks.position.PositionResult`), the worker jobs lost."""
     failed = [r.position for r in rows if not r.completed]
     return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
             "skipped": skipped, "failed": failed, "pairs": sum(len(r.channels) for r in rows if r.completed),
-            "positions": [r.as_dict() for r in rows]}
+            "positions": [r.as_dict() for r in rows], "lost_workers": list(lost_workers or [])}
 
 
 class RunFailed(RuntimeError):

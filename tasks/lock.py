@@ -19,6 +19,18 @@ class RunLockedError(StoreError):
     """A live run holds the output's lock; the message names it."""
 
 
+def describe_owner(owner: dict[str, Any] | None) -> str:
+    """A lock's holder in words: flow run name and id, host, pid, since when (UTC)."""
+    from datetime import datetime, timezone
+
+    if not owner:
+        return "another run (its lock record is unreadable)"
+    since = owner.get("started")
+    when = datetime.fromtimestamp(float(since), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if since else "?"
+    return (f"flow run '{owner.get('run_name') or '?'}' ({owner.get('run_id') or 'no run id'}) on host "
+            f"{owner.get('host')}, pid {owner.get('pid')}, since {when}")
+
+
 def _alive_here(pid: int) -> bool:
     """Whether process ``pid`` of this host runs: a zombie (exited, not yet reaped) counts as dead."""
     try:
@@ -82,11 +94,8 @@ class RunLock:
         return age_seconds(st) > self.stale_after
 
     def holder(self) -> str:
-        """Who holds the lock, for messages: run name, host, pid and since when."""
-        o = self.owner() or {}
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["started"])) if o.get("started") else "?"
-        name = o.get("run_name") or o.get("run_id") or "?"
-        return f"run {name} (pid {o.get('pid', '?')} on {o.get('host', '?')}, since {since})"
+        """Who holds the lock, for messages (:func:`describe_owner`)."""
+        return describe_owner(self.owner())
 
     def check(self) -> bool:
         """Raise :class:`RunLockedError` if a live owner holds the lock; True if a stale lock is there."""
@@ -140,7 +149,7 @@ class RunLock:
             self.held = False
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        return self if self.held else self.acquire()  # taken already (the flow's collision check) or now
 
     def __exit__(self, *exc: object) -> None:
         self.release()

@@ -19,7 +19,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import defaults, filters, markers, preview
+from tasks import defaults, errors, filters, markers, preview
 from tasks.filters import FilterParams
 from tasks.inputs import Dataset, open_dataset
 from tasks.output import Output
@@ -192,6 +192,7 @@ def position_task(kind: str = defaults.FILTER):
         task_run_name=TASK_RUN_NAME,
         retries=defaults.RETRIES,
         retry_delay_seconds=defaults.RETRY_DELAY_SECONDS,
+        retry_condition_fn=errors.retry_condition,  # permanent failures (full disk, corrupt chunk): no retry
         persist_result=False,
         cache_policy=NO_CACHE,
     )

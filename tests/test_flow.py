@@ -123,11 +123,12 @@ def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_
 
 
 def test_task_failing_once_is_retried(prefect_api, sample, tmp_path):
-    """A real transient fault: the chunk is corrupt on the first attempt and repaired during the retry delay."""
+    """A real transient fault: the chunk is missing on the first attempt (a copy still running) and arrives during
+    the retry delay. (A corrupt chunk is permanent and not retried: tests/test_errors.py.)"""
     out = tmp_path / "out.zarr"
     chunk = _chunk_file(sample, 2)
     good = chunk.read_bytes()
-    chunk.write_bytes(b"broken")
+    chunk.unlink()
     t, result = run_in_thread(lambda: _run(sample, out, positions=[2], retries=2, retry_delay_seconds=6))
     seen_retry = wait_for_task_run_state("position-2", ("AwaitingRetry", "Retrying"))
     chunk.write_bytes(good)

@@ -219,7 +219,7 @@ def test_a_second_run_on_a_locked_s3_output_is_refused_at_once(s3_server, tmp_pa
         res = run_cli("run", inp, out, *SIGMA)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr
-        assert "another dogflow run is writing to this output: run holder-run (pid" in lines[0]
+        assert "another dogflow run is writing to this output: flow run 'holder-run' (no run id) on host" in lines[0]
         assert not Output(out).exists()  # refused before anything was written
     finally:
         holder.kill()

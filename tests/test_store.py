@@ -269,7 +269,7 @@ def test_lock_is_exclusive_and_stale_after_owner_death(tmp_path):
     out = tmp_path / "o.zarr"
     lock_file = out / LOCK_KEY
     lock = RunLock(out, run_id="a", run_name="brave-fox").acquire()
-    with pytest.raises(RunLockedError, match=r"another dogflow run is writing to this output: run brave-fox \(pid "):
+    with pytest.raises(RunLockedError, match=r"another dogflow run is writing to this output: flow run 'brave-fox' \(a\) on host "):
         RunLock(out, run_id="b").acquire()
     lock.release()
     assert not lock_file.exists()

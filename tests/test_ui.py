@@ -52,7 +52,8 @@ def ui_site(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ui")
     # No scheduler service here: the nightly deployment's scheduled runs are tested in test_deployments,
     # and its bulk inserts would compete with the form's request on this small machine.
-    server = PrefectServer(workdir, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}).start()
+    server = PrefectServer(workdir, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"},
+                           database="postgres").start()
     worker = None
     try:
         # the nightly deployment needs site paths; the UI test runs on-demand only

@@ -85,7 +85,7 @@ class JobqueueProfile(ClusterProfile):
 
     @property
     def cluster_class(self) -> str:  # type: ignore[override]
-        return f"dask_jobqueue.{self.jobqueue_class}"
+        return f"flows.clusters.keeper.{self.jobqueue_class}"  # dask-jobqueue's class, resubmitting lost jobs
 
     def setup(self) -> None:
         if self.n_workers is None and self.max_workers is None:
@@ -131,7 +131,7 @@ class JobqueueProfile(ClusterProfile):
                 d[key] = os.path.expandvars(os.path.expanduser(str(d[key])))
 
     def setup_lifetime(self) -> None:
-        """With a walltime, workers retire (``--lifetime``) a margin before the scheduler kills them."""
+        """With a walltime, workers retire (``--lifetime``) a margin before the batch scheduler kills them."""
         d = self.kwargs
         args = list(d.get("worker_extra_args") or [])
         if not d.get("walltime") or any(str(a).startswith("--lifetime") for a in args):
@@ -140,10 +140,8 @@ class JobqueueProfile(ClusterProfile):
         margin = self.lifetime_margin if self.lifetime_margin is not None else max(60, min(600, wall // 10))
         life = max(60, int(wall - margin))
         stagger = max(1, min(300, life // 20))
+        # a retired worker's job ends; the cluster submits its replacement (flows.clusters.keeper), fixed or adaptive
         d["worker_extra_args"] = args + ["--lifetime", f"{life}s", "--lifetime-stagger", f"{stagger}s"]
-        if not self.adaptive:
-            warnings.warn(f"{self.name}: workers retire at walltime-{margin:.0f}s but n_workers is fixed; "
-                          "use min_workers/max_workers so retired workers are replaced", stacklevel=4)
 
     def worker_prologue(self) -> list[str]:
         """``job_script_prologue`` with dogflow's Dask settings exported first, for the job's nanny and worker.
