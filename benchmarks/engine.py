@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 S_SMALL, S_LARGE = 50 / 2.35, 200 / 2.35
 SHAPES_QUICK = [(112, 288, 320)]
@@ -79,22 +80,40 @@ def reset_peak():
 
 # --------------------------------------------------------------------------- child processes
 
+def engine_call(engine=None, fft=None):
+    """(difference_of_gaussians, backend name) of ``engine``: None = tasks.dog (FFT backend ``fft``, or its
+    own measured pick), "reference" = benchmarks/reference_engine.py (the engine before issue 20)."""
+    if engine == "reference":
+        import reference_engine
+        return reference_engine.difference_of_gaussians, lambda: "pocketfft (reference)"
+    from tasks import dog
+    if fft is None:
+        return dog.difference_of_gaussians, dog.fft_backend
+
+    def call(*a, **kw):
+        with dog.tuned(fft=fft):
+            return dog.difference_of_gaussians(*a, **kw)
+    return call, dog.fft_backend
+
+
 def child(spec):
     """Runs in a fresh process; prints one JSON line."""
     from tasks import dog
     shape, threads, repeat = tuple(spec["shape"]), spec["threads"], spec.get("repeat", 1)
+    call, backend = engine_call(spec.get("engine"), spec.get("fft"))
     base = reset_peak()
     v = make_volume(shape)
     res = {"walls": [], "cpus": []}
     if spec.get("start_at"):
         time.sleep(max(0.0, spec["start_at"] - time.time()))
     for _ in range(repeat):
-        out, w, c = clocked(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=threads)
+        out, w, c = clocked(call, v, S_SMALL, S_LARGE, threads=threads)
         del out
         res["walls"].append(w)
         res["cpus"].append(c)
     res["peak"] = _status("VmHWM") - base
-    res["bound"] = dog.peak_memory_bytes(shape, v.dtype)
+    res["bound"] = dog.peak_memory_bytes(shape, v.dtype, threads=threads)
+    res["backend"] = backend()
     print(json.dumps(res), flush=True)
 
 

@@ -326,6 +326,11 @@ def _fft_scaled(sigma: float, truncate: float, M: int, D: int, wrap: bool, wdtyp
     return h, _frozen(np.repeat(h, 2), wdtype)
 
 
+@lru_cache(maxsize=64)
+def _zero_transfer(M: int, wdtype: str):
+    return _frozen(np.zeros(M), wdtype), _frozen(np.zeros(2 * M), wdtype)
+
+
 @lru_cache(maxsize=256)
 def _dct_transfer(sigma: float, truncate: float, m: int, mode: str, wdtype: str):
     """Eigenvalues of scipy's reflect (DCT-II) or mirror (DCT-I) operator on m samples."""
@@ -489,6 +494,8 @@ class _Job:
                 raise AssertionError("an output's terms must use sources 0, 1, ... in order")
             hs = [_fft_scaled(p.sigma, p.truncate, self.M, p.length(m, a - lo, b - lo)[1], p.mode == "wrap",
                               p.wdtype, float(sign)) for _, p, sign in terms]
+            if len(hs) == 1:            # one term: the second product of K.spectra is by zero
+                hs.append(_zero_transfer(self.M, plan.wdtype))
             self.HS.append({K.SAMPLES: [h for h, _ in hs], K.LINES: [h2 for _, h2 in hs]})
             S = np.zeros(2)          # C rows of sources that are no term of this output are multiplied by 0
             R = np.zeros((2, b - a))
@@ -607,6 +614,7 @@ def _block_dct(job, blk, scratch, axis):
     """Reflect/mirror lines: dct in place, multiply by each output's eigenvalues, idct."""
     plan0 = job.outs[0][3][0][1]
     t = 2 if plan0.mode == "reflect" else 1
+    scratch.used.add("pocketfft")     # scipy.fft's DCTs
     spec = []
     for i, src in enumerate(job.srcs):
         s = src[blk]
@@ -659,27 +667,28 @@ def _block_fft(job, blk, scratch, axis):
     used = (L + 1) >> 1
     layout = job.layout
     C, E, shift = scratch.edge_arrays(2 * rows)
+    Q = job.srcs[0].shape[1]
     bufs = []
-    for i, src in enumerate(job.srcs):
-        z, zf, fwd, inv = scratch.fft_buf(("src", i), rows, job.M, job.cdtype, layout, job.backend)
-        K.edges(src, l0, L, job.m, job.edge, C[i], E[i])
-        K.load(src, job.mems[i], axis, l0, L, zf, job.m, layout, C[i])
+    for i, mem in enumerate(job.mems):
+        _, zf, fwd, inv = scratch.fft_buf(("src", i), rows, job.M, job.cdtype, layout, job.backend)
+        K.load(mem, axis, Q, l0, L, zf, job.m, layout, job.edge, C[i], E[i])
         fwd()
-        bufs.append((z, zf, inv))
+        bufs.append((zf, inv))
     for o, (dst, a, b, terms, op) in enumerate(job.outs):
         H = job.HS[o][layout]
         if len(terms) == 2:                 # merge: the sources are not needed afterwards
-            (_, yf, inv), (_, zfb, _) = bufs
-            K.scale2(yf, H[0], zfb, H[1], yf, layout, used)
-        elif 0 in job.later[o]:             # split: the spectrum is needed by the next output
-            _, yf, _, inv = scratch.fft_buf("mix", rows, job.M, job.cdtype, layout, job.backend)
-            K.scale(bufs[0][1], H[0], yf, layout, used)
+            (yf, inv), (zfb, _) = bufs
+            K.spectra(yf, H[0], zfb, H[1], yf, layout, used)
         else:
-            _, yf, inv = bufs[0]
-            K.scale(yf, H[0], yf, layout, used)
+            zf = bufs[0][0]
+            if 0 in job.later[o]:           # split: the spectrum is needed by the next output
+                _, yf, _, inv = scratch.fft_buf("mix", rows, job.M, job.cdtype, layout, job.backend)
+            else:
+                yf, inv = bufs[0]
+            K.spectra(zf, H[0], zf, H[1], yf, layout, used)
         inv()
-        K.store(yf, a - job.lo, dst, job.dst_mems[o], axis, l0, L, layout, K.OP_SET if op == "set" else K.OP_SUB, C, job.S[o], E,
-                job.RS[o], shift)
+        K.store(yf, a - job.lo, job.dst_mems[o], axis, Q, b - a, l0, L, layout,
+                K.OP_SET if op == "set" else K.OP_SUB, C, job.S[o], E, job.RS[o], shift)
 
 
 @lru_cache(maxsize=256)
