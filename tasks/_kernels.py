@@ -27,33 +27,39 @@ LINES, SAMPLES = 0, 1
 OP_SET, OP_SUB = 0, 1
 
 
-@nb.njit(**_JIT)
-def edges(src, l0, L, m, edge, c, e):
-    """Per-line edge values: ``c`` (subtracted at load) and ``e`` (the right-end extension), float64.
+@nb.njit(inline="always", **_JIT)
+def _at(mem, axis, p, q, i):
+    """Sample i of line (p, q) of ``mem`` (line axis ``axis``)."""
+    if axis == 0:
+        return mem[i, p, q]
+    if axis == 1:
+        return mem[p, i, q]
+    return mem[p, q, i]
 
-    EDGE_LEFT: ``c = v[0]`` (a true left end: its 'nearest' extension becomes zero); EDGE_BOTH also
-    ``e = v[m-1] - v[0]``; EDGE_RIGHT: ``c = v[m-1]``; EDGE_NONE: zeros."""
-    Q = src.shape[1]
+
+@nb.njit(**_JIT)
+def load(mem, axis, Q, l0, L, zf, m, layout, edge, c, e):
+    """Block lines minus their edge value into the float view ``zf``, zero-padded beyond sample ``m``.
+
+    ``mem``: the source in memory order, lines along ``axis`` (``Q``: lines per row of the canonical view);
+    its SAMPLES rows (axis 0 or 1) and LINES lines (axis 2) are read with unit stride when it is C-ordered.
+    Edge values per line (float64, first: unsigned differences would wrap) go to ``c`` (subtracted) and
+    ``e`` (the right-end extension): EDGE_LEFT ``c = v[0]`` (a true left end: its 'nearest' extension becomes
+    zero), EDGE_BOTH also ``e = v[m-1] - v[0]``, EDGE_RIGHT ``c = v[m-1]``, EDGE_NONE zeros. A block of odd
+    ``L`` leaves the second line of its last pair zero.
+    """
     for j in range(L):
         p, q = (l0 + j) // Q, (l0 + j) % Q
         cv = 0.0
         ev = 0.0
-        if edge == EDGE_LEFT or edge == EDGE_BOTH:     # float64 first: unsigned differences would wrap
-            cv = np.float64(src[p, q, 0])
+        if edge == EDGE_LEFT or edge == EDGE_BOTH:
+            cv = np.float64(_at(mem, axis, p, q, 0))
             if edge == EDGE_BOTH:
-                ev = np.float64(src[p, q, m - 1]) - cv
+                ev = np.float64(_at(mem, axis, p, q, m - 1)) - cv
         elif edge == EDGE_RIGHT:
-            cv = np.float64(src[p, q, m - 1])
+            cv = np.float64(_at(mem, axis, p, q, m - 1))
         c[j] = cv
         e[j] = ev
-
-
-@nb.njit(**_JIT)
-def load(src, mem, axis, l0, L, zf, m, layout, c):
-    """Block lines minus their edge value ``c[j]`` into the float view ``zf``, zero-padded beyond sample
-    ``m``; a block of odd ``L`` leaves the second line of its last pair zero. ``mem`` is ``src`` in memory
-    order (the line axis at ``axis``), read by the SAMPLES loops so that their rows have unit stride."""
-    Q = src.shape[1]
     rows = (L + 1) >> 1
     if layout == SAMPLES:
         M = zf.shape[0]
@@ -61,11 +67,10 @@ def load(src, mem, axis, l0, L, zf, m, layout, c):
         while j < L:
             p, q = (l0 + j) // Q, (l0 + j) % Q
             cnt = min(Q - q, L - j)
+            cc = c[j:j + cnt]
             for i in range(m):
-                # mem[i, p, q] (axis 0) or mem[p, i, q] (axis 1): a unit-stride row when mem is C-contiguous
                 row = mem[i, p, q:q + cnt] if axis == 0 else mem[p, i, q:q + cnt]
                 out = zf[i, j:j + cnt]
-                cc = c[j:j + cnt]
                 for t in range(cnt):
                     out[t] = row[t] - cc[t]
             j += cnt
@@ -99,26 +104,10 @@ def load(src, mem, axis, l0, L, zf, m, layout, c):
 
 
 @nb.njit(**_JIT)
-def scale(zf, H, yf, layout, rows):
-    """y = z * H on float views (H real: each float of a sample is scaled; y may be z), over the first
-    ``rows`` complex lines. LINES: ``H`` is given per float (each value twice, length 2 M)."""
-    if layout == SAMPLES:
-        n = 2 * rows
-        for i in range(zf.shape[0]):
-            h = H[i]
-            a, y = zf[i, :n], yf[i, :n]
-            for t in range(n):
-                y[t] = a[t] * h
-    else:
-        for r in range(rows):
-            a, y = zf[r], yf[r]
-            for t in range(zf.shape[1]):
-                y[t] = a[t] * H[t]
-
-
-@nb.njit(**_JIT)
-def scale2(zfa, Ha, zfb, Hb, yf, layout, rows):
-    """y = za * Ha + zb * Hb on float views (signs folded into H; y may be za); H as for :func:`scale`."""
+def spectra(zfa, Ha, zfb, Hb, yf, layout, rows):
+    """y = za * Ha + zb * Hb on float views (H real, signs folded in; y may be za or zb; Hb = 0 for one term),
+    over the first ``rows`` complex lines. SAMPLES: one H value per sample (row); LINES: per float (each
+    value twice, length 2 M)."""
     if layout == SAMPLES:
         n = 2 * rows
         for i in range(zfa.shape[0]):
@@ -134,18 +123,16 @@ def scale2(zfa, Ha, zfb, Hb, yf, layout, rows):
 
 
 @nb.njit(**_JIT)
-def store(yf, off, dst, mem, axis, l0, L, layout, op, C, S, E, R, shift):
-    """Block line ``j``, outputs ``i`` in ``[0, nb)`` of ``dst``:  op= (its sample ``off + i`` in ``yf``)
+def store(yf, off, mem, axis, Q, nbo, l0, L, layout, op, C, S, E, R, shift):
+    """Block line ``j``, outputs ``i`` in ``[0, nbo)`` of the destination (``mem`` in memory order, as for
+    :func:`load`):  op= (its sample ``off + i`` in ``yf``)
     ``+ S[0] C[0, j] + S[1] C[1, j] + E[0, j] R[0, i] + E[1, j] R[1, i]``.
 
     ``C[t]``: the edge values term t's source had subtracted at load and ``S[t]`` the term's sign (zero for
     no term), so they are added back; ``E[t]``: the right-end extensions ``v[n-1] - v[0]`` and ``R[t]`` the
     signed kernel mass right of the line per output (zero where no tap reaches past the end, or no such
-    term). ``op``: OP_SET or OP_SUB. ``shift`` (length >= L) is workspace. ``mem`` is ``dst`` in memory
-    order (as for :func:`load`).
+    term). ``op``: OP_SET or OP_SUB. ``shift`` (length >= L) is workspace.
     """
-    Q = dst.shape[1]
-    nbo = dst.shape[2]
     s0, s1 = S[0], S[1]
     for j in range(L):
         shift[j] = s0 * C[0, j] + s1 * C[1, j]
