@@ -180,3 +180,26 @@ def store(yf, off, mem, axis, Q, nbo, l0, L, layout, op, C, S, E, R, shift):
                 for i in range(nbo):
                     a[i] -= y[2 * i] + sa + ea0 * R0[i] + ea1 * R1[i]
 
+
+
+def warm(work_dtypes=(np.float32,), src_dtypes=(np.uint16, np.float32)) -> None:
+    """Load (or compile, the first time on a host) the specialisations a DoG of ``src_dtypes`` input in
+    ``work_dtypes`` precision uses, contiguous and strided, so that the first engine call in a process (a
+    Dask worker's first task) does not pay numba's per-process loading. Tiny arrays; no result kept."""
+    for wd in work_dtypes:
+        wd = np.dtype(wd)
+        c, e, sh = np.zeros(4), np.zeros(4), np.zeros(4)
+        C, E, R, S = np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((2, 4)), np.zeros(2)
+        H = np.zeros(8, wd)
+        H.flags.writeable = False       # the engine's transfer functions are frozen (a numba type of its own)
+        for layout, zshape in ((LINES, (2, 8)), (SAMPLES, (4, 4))):
+            zf = np.zeros(zshape, wd)
+            spectra(zf, H, zf, H, zf, layout, 1)
+        for sd in tuple(src_dtypes) + (wd,):
+            full = np.zeros((4, 4, 8), sd)
+            for mem in (full, full[:, :, :4]):          # C-ordered, and a strided window
+                for axis, layout in ((2, LINES), (0, SAMPLES)):
+                    zf = np.zeros((2, 8) if layout == LINES else (4, 4), wd)
+                    load(mem, axis, 4, 0, 2, zf, 2, layout, EDGE_BOTH, c, e)
+                    if sd == wd:
+                        store(zf, 0, mem, axis, 4, 2, 0, 2, layout, OP_SET, C, S, E, R, sh)

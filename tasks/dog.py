@@ -89,6 +89,9 @@ _C_DCT = 0.16         # idem for a DCT
 _C_OP = 0.45          # one elementwise pass over a line buffer (copy, multiply, unpack)
 _C_DIRECT = 0.65      # correlate1d: per output sample per (r + 1) taps (it exploits symmetry)
 
+K.warm()    # numba's per-process loading here, at import (a Dask worker's preload), not in the first task
+fft.warm()
+
 _MiB = 1 << 20
 _TEMP_MIN = 16 * _MiB
 _TEMP_MAX = 256 * _MiB

@@ -25,6 +25,8 @@ call used (the provenance records it).
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -106,6 +108,21 @@ class Pocketfft(Backend):
         return forward, inverse
 
 
+def _import_pyfftw():
+    """``import pyfftw`` without the dask.array import its ``interfaces`` package makes when dask is
+    installed (1-2 s, for a dask wrapper the engine does not use): that import is made to fail meanwhile."""
+    import sys
+    if "pyfftw" in sys.modules or "dask.array.fft" in sys.modules:
+        import pyfftw
+        return pyfftw
+    sys.modules["dask.array.fft"] = None     # `from dask.array.fft import ...` raises ImportError
+    try:
+        import pyfftw
+    finally:
+        del sys.modules["dask.array.fft"]
+    return pyfftw
+
+
 class Fftw(Backend):
     name = "fftw"
     _lock = threading.Lock()
@@ -114,11 +131,7 @@ class Fftw(Backend):
 
     @classmethod
     def installed(cls):
-        try:
-            import pyfftw  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importlib.util.find_spec("pyfftw") is not None
 
     @classmethod
     def _wisdom_path(cls):
@@ -126,7 +139,7 @@ class Fftw(Backend):
 
     @classmethod
     def _load_wisdom(cls):
-        import pyfftw
+        pyfftw = _import_pyfftw()
         if cls._wisdom_loaded:
             return
         cls._wisdom_loaded = True
@@ -139,7 +152,7 @@ class Fftw(Backend):
     @classmethod
     def save_wisdom(cls):
         """Write this process's wisdom to the cache (atomically) if it planned anything new."""
-        import pyfftw
+        pyfftw = _import_pyfftw()
         with cls._lock:
             if not cls._wisdom_dirty:
                 return
@@ -147,7 +160,7 @@ class Fftw(Backend):
             _write_json(cls._wisdom_path(), [w.hex() for w in pyfftw.export_wisdom()])
 
     def plan(self, buf, axis):
-        import pyfftw
+        pyfftw = _import_pyfftw()
         with self._lock:
             self._load_wisdom()
             saved = buf.copy()      # FFTW_MEASURE overwrites the buffer while it measures
@@ -172,11 +185,7 @@ class Mkl(Backend):
 
     @classmethod
     def installed(cls):
-        try:
-            import mkl_fft  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importlib.util.find_spec("mkl_fft") is not None
 
     @classmethod
     def _sequential(cls):
@@ -213,9 +222,19 @@ class Mkl(Backend):
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Pocketfft, Fftw, Mkl)}
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> tuple[str, ...]:
     """Names of the installed backends (pocketfft always first)."""
     return tuple(name for name, cls in BACKENDS.items() if cls.installed())
+
+
+def warm() -> None:
+    """Import the installed backends' libraries and FFTW's cached wisdom now (at engine import: a Dask
+    worker's preload), not in the first transform."""
+    if "fftw" in available():
+        Fftw._load_wisdom()
+    if "mkl" in available():
+        Mkl._sequential()
 
 
 def forced() -> str | None:
