@@ -8,7 +8,7 @@ backend computes exactly that transform (to its own float round-off), on one thr
 
 * ``pocketfft`` (``scipy.fft``, always there): ``workers=1``, ``overwrite_x=True`` (the result is the buffer).
 * ``fftw`` (``pyfftw``, where installed): plans made once per buffer, length and direction with
-  ``FFTW_MEASURE``, ``threads=1``. Plans are measured into FFTW's *wisdom*, which is kept on disk per host
+  ``FFTW_MEASURE`` (at most :data:`PLAN_SECONDS` of measuring per plan), ``threads=1``. Plans are measured into FFTW's *wisdom*, which is kept on disk per host
   (:func:`cache_dir`), so a new process plans from wisdom instead of measuring again.
 * ``mkl`` (``mkl_fft``, where installed): MKL's sequential threading layer is selected before its first use,
   so that an MKL call runs on the engine thread that made it, whatever ``MKL_NUM_THREADS`` or
@@ -123,6 +123,10 @@ def _import_pyfftw():
     return pyfftw
 
 
+PLAN_SECONDS = 0.05   # FFTW's measuring time per plan: unbounded, a host's first calibration of the full
+                      # position's lengths took about a minute; the plans found within 50 ms are kept
+
+
 class Fftw(Backend):
     name = "fftw"
     _lock = threading.Lock()
@@ -171,7 +175,8 @@ class Fftw(Backend):
                                        flags=("FFTW_MEASURE", "FFTW_DESTROY_INPUT", "FFTW_WISDOM_ONLY"))
                 except RuntimeError:
                     plan = pyfftw.FFTW(buf, buf, axes=(axis,), direction=direction, threads=1,
-                                       flags=("FFTW_MEASURE", "FFTW_DESTROY_INPUT"))
+                                       flags=("FFTW_MEASURE", "FFTW_DESTROY_INPUT"),
+                                       planning_timelimit=PLAN_SECONDS)
                     type(self)._wisdom_dirty = True
                 plans.append(plan)
             buf[...] = saved
@@ -262,7 +267,7 @@ def _write_json(path, obj):
 
 # --------------------------------------------------------------------------- selection
 
-def smooth_lengths(target: int, count: int = 6, slack: float = 1.25) -> list[int]:
+def smooth_lengths(target: int, count: int = 4, slack: float = 1.25) -> list[int]:
     """The ``count`` smallest 5-smooth lengths (``2**i 3**j 5**k``) in ``[target, slack * target]``
     (at least the smallest one at or above ``target``)."""
     out = []
@@ -285,7 +290,7 @@ def smooth_lengths(target: int, count: int = 6, slack: float = 1.25) -> list[int
 @dataclass
 class Selector:
     """Picks, by measurement, the transform length and backend for lines that need at least ``target``
-    samples: among the 5-smooth lengths up to 1.25x the target (libraries differ: FFTW is fastest on
+    samples: among the four smallest 5-smooth lengths up to 1.25x the target (libraries differ: FFTW is fastest on
     lengths with many factors of 2, pocketfft on the smallest), and every installed backend, the pair of
     least CPU time per line of a forward plus inverse transform, in the layout the pass uses.
 
