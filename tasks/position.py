@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import defaults, filters, preview, store
+from tasks import defaults, fft, filters, preview, store
 from tasks.inputs import Dataset, open_dataset
 
 
@@ -68,7 +68,7 @@ def filter_channel(ds: Dataset, output_path: str, position: int, channel: int, p
     t2 = time.perf_counter()
     store.write_preview(output_path, position, channel, preview.preview_png(volume, result))
     del volume  # free the input before the pyramid is built
-    stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64))}
+    stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64)), "fft_backend": fft.backend_used()}
     t3 = time.perf_counter()
     levels = store.write_levels(output_path, position, channel, result, p.output_dtype)
     del result
