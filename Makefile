@@ -13,6 +13,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	# compile the engine's numba kernels once into their on-disk cache (tasks/__pycache__), so that the
+	# first processes (CI, `make demo`, its workers) load them instead of each compiling them
+	$(BIN)/python -c "import tasks.dog"
 	touch $(STAMP)
 
 ## make demo: sample dataset -> real Prefect flow on a LocalCluster (ephemeral API) -> prints the output path

@@ -19,7 +19,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import defaults, errors, filters, markers, preview
+from tasks import defaults, errors, fft, filters, markers, preview
 from tasks.filters import FilterParams
 from tasks.inputs import Dataset, open_dataset
 from tasks.output import Output
@@ -53,6 +53,7 @@ class ChannelResult:
     read_seconds: float
     filter_seconds: float
     write_seconds: float
+    fft_backend: str = ""  # the FFT library the engine used (tasks.fft): pocketfft, mkl or fftw
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def filter_channel(ds: Dataset, out: Output, position: int, channel: int, p: Fil
     del result
     t4 = time.perf_counter()
     res = ChannelResult(int(channel), lo, hi, mean, levels, round(t4 - t0, 3), round(t1 - t0, 3), round(t2 - t1, 3),
-                        round(t4 - t3, 3))
+                        round(t4 - t3, 3), fft.backend_used())
     summary = {"position": int(position), **asdict(res), "host": socket.gethostname(), "pid": os.getpid(),
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "threads": threads}
     out.markers.write(position, channel, markers.marker_record(p, fingerprint, summary))
