@@ -152,6 +152,12 @@ def _plan(**values: Any) -> None:
     typer.echo(line)
     for line in spec.profile.plan_lines():
         typer.echo(line)
+    from tasks import pyramid, sharding
+
+    footprint = sharding.footprint(pyramid.level_shapes(tuple(zyx)), pyramid.chunk_shape, spec.params.output_dtype,
+                                   len(spec.positions), len(spec.channels))
+    for line in footprint.lines():
+        typer.echo(line)
 
 
 _plan.__signature__ = params.cli_signature("plan")  # type: ignore[attr-defined]

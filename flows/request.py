@@ -392,7 +392,7 @@ class MadeWith:
             prov = o.provenance()
         except StoreError as exc:
             raise ParameterError(str(exc)) from None
-        if not prov or prov.get("layout_version", 1) != output.LAYOUT_VERSION:
+        if not prov or prov.get("layout_version", 1) not in output.RESUMABLE_LAYOUTS:
             return None
         try:
             return cls(out, FilterParams.from_dict(prov["params"]), prov)

@@ -1,9 +1,9 @@
 """dogflow's output store: its layout, NGFF metadata and provenance, as an object for one opened output.
 
-Output layout version 2 (``OUTPUT``, NGFF 0.5, zarr v3)::
+Output layout version 3 (``OUTPUT``, NGFF 0.5, zarr v3)::
 
     OUTPUT/zarr.json                      root group: ``ome`` = one ``multiscales`` entry per position
-                                          ("position 0", ...), ``dogflow`` = provenance (layout_version 2)
+                                          ("position 0", ...), ``dogflow`` = provenance (layout_version 3)
     OUTPUT/P/                             group of position P (0, 1, ...)
     OUTPUT/P/0                            level 0: (C, Z, Y, X) result at full resolution; C = the input's channels
     OUTPUT/P/1, P/2, ...                  levels 1..: 2x2 means in y, x of the level above, until y,x <= 1024
@@ -12,16 +12,22 @@ Output layout version 2 (``OUTPUT``, NGFF 0.5, zarr v3)::
     OUTPUT/dogflow/logs/<run>-<SLURM_JOB_ID|local>.log   one log file per run
     OUTPUT/dogflow/previews/PPPPPP/cCCCC.png             input MIP next to the result's MIP
 
-Arrays have ``dimension_names`` ["c", "z", "y", "x"] and chunks (1, <=64, <=256, <=256): one channel,
-never shared between positions (each position has its own arrays) nor between channels. Output channel
-c is the filter of input channel c; channels that were not computed stay unwritten (fill value 0, no disk
-use) and have no marker. Level l has scale (1, vz, vy * 2^l, vx * 2^l) and translation
+Arrays have ``dimension_names`` ["c", "z", "y", "x"], inner chunks (1, <=64, <=256, <=256) and zarr v3's
+sharding codec: shards of (1, Zs, Ys, Xs) whole inner chunks, at most :data:`tasks.sharding.SHARD_BYTES`
+(:func:`tasks.sharding.shard_shape`; a full seed position: 7 + 2 shard files per channel). One shard holds
+one channel of one level of one position, so it has exactly one writer, the task of that (position,
+channel), which writes it whole (:func:`tasks.sharding.write_whole_shards`), never shared between positions
+(each position has its own arrays) nor between channels. Output channel c is the filter of input channel c;
+channels that were not computed stay unwritten (fill value 0, no disk use) and have no marker. Level l has scale (1, vz, vy * 2^l, vx * 2^l) and translation
 (0, 0, vy * (2^l - 1) / 2, vx * (2^l - 1) / 2), so pixel centres of a 2x2 mean stay where they were;
 an odd last row or column is averaged with itself (mean of what exists). Axes z, y, x carry the
 input's unit (e.g. micrometer). One position as numpy: ``zarr.open_array("OUTPUT/3/0")[:]``.
 
-Layout version 1 (one (P, Z, Y, X) array ``0``) is refused with a one-line message: ``--overwrite``
-recomputes it into layout 2, or a new output path starts afresh.
+Older layouts: layout 2 (the same tree, unsharded: one object per inner chunk, 560 per full seed (position,
+channel)) keeps resuming as layout 2: its arrays stay unsharded, positions it gains are created unsharded, and
+``--overwrite`` recomputes it into layout 3. Layout 1 (one (P, Z, Y, X) array ``0``) is refused with a
+one-line message: ``--overwrite`` recomputes it into layout 3, or a new output path starts afresh. A layout
+newer than this dogflow's is refused (upgrade dogflow).
 
 Every byte outside the arrays goes through the output's :class:`tasks.storage.Storage`.
 """
@@ -40,14 +46,16 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks import pyramid
+from tasks import pyramid, sharding
 from tasks.filters import FilterError, FilterParams, channel_label, kind_named
 from tasks.inputs import Dataset, open_dataset
 from tasks.lock import RunLock
 from tasks.markers import Markers, OutputStatus, dogflow_version
 from tasks.storage import Storage, StoreError, open_storage
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # sharded arrays
+UNSHARDED_LAYOUT = 2  # the same tree with unsharded arrays: still resumed as it is
+RESUMABLE_LAYOUTS = (UNSHARDED_LAYOUT, LAYOUT_VERSION)
 NGFF_VERSION = "0.5"
 META_GROUP = "dogflow"
 LOG_PREFIX = "dogflow/logs"
@@ -135,13 +143,37 @@ def _omero(kind: str, n_channels: int, computed: Iterable[int]) -> dict[str, Any
                          for c in range(n_channels)]}
 
 
-def _create_position(root: zarr.Group, position: int, spec: OutputSpec) -> None:
+def shard_shapes(spec: OutputSpec) -> list[list[int]]:
+    """The shard shape (1, Zs, Ys, Xs) of every level of a layout-3 output (:func:`tasks.sharding.shard_shape`)."""
+    itemsize = np.dtype(spec.params.output_dtype).itemsize
+    return [list(sharding.shard_shape((spec.n_channels, *zyx), pyramid.chunk_shape(zyx), itemsize))
+            for zyx in spec.levels]
+
+
+def _check_layout(path: str, prov: dict[str, Any], overwrite: bool) -> None:
+    """Raise (one line) unless the output's layout can be resumed, or replaced because ``overwrite``."""
+    v = prov.get("layout_version", 1)
+    if v in RESUMABLE_LAYOUTS:
+        return
+    if isinstance(v, int) and v > LAYOUT_VERSION:
+        raise StoreError(f"output {path} has layout {v}, newer than this dogflow's ({LAYOUT_VERSION}); "
+                         f"upgrade dogflow, or choose a new output path")
+    if not overwrite:
+        raise StoreError(
+            f"output {path} has dogflow's old layout {v} (one (position, z, y, x) array); --overwrite recomputes "
+            f"it in layout {LAYOUT_VERSION}, or choose a new output path")
+
+
+def _create_position(root: zarr.Group, position: int, spec: OutputSpec, shards: list[list[int]] | None) -> None:
+    """The level arrays of one position; ``shards`` (one shape per level) makes them sharded (layout 3), None
+    unsharded (layout 2)."""
     g = root.require_group(str(position))
-    for level, (z, y, x) in enumerate(spec.levels):
+    for level, zyx in enumerate(spec.levels):
         g.create_array(
             str(level),
-            shape=(spec.n_channels, z, y, x),
-            chunks=(1, min(z, 64), min(y, 256), min(x, 256)),
+            shape=(spec.n_channels, *zyx),
+            chunks=pyramid.chunk_shape(zyx),
+            shards=tuple(shards[level]) if shards else None,
             dtype=np.dtype(spec.params.output_dtype),
             fill_value=0,
             compressors=_codec(),
@@ -201,9 +233,7 @@ class Output:
         prov = self.provenance() if self.exists() else None
         if prov is None:
             raise StoreError(f"not a dogflow output: {self.path}")
-        if prov.get("layout_version", 1) != LAYOUT_VERSION:
-            raise StoreError(f"output {self.path} has dogflow's old layout {prov.get('layout_version', 1)}; "
-                             f"re-run with --overwrite to recompute it in layout {LAYOUT_VERSION}")
+        _check_layout(self.path, prov, overwrite=False)
         return prov
 
     def level(self, position: int, level: int = 0, mode: str = "r") -> zarr.Array:
@@ -243,12 +273,9 @@ class Output:
         prov = self.provenance()
         if prov is None:
             raise StoreError(f"output exists but was not written by dogflow: {self.path}")
-        if prov.get("layout_version", 1) != LAYOUT_VERSION:
-            if overwrite:
-                return PrepareAction.OVERWRITE
-            raise StoreError(
-                f"output {self.path} has dogflow's old layout {prov.get('layout_version', 1)} (one (position, z, y, x) "
-                f"array); --overwrite recomputes it in layout {LAYOUT_VERSION}, or choose a new output path")
+        _check_layout(self.path, prov, overwrite)
+        if prov.get("layout_version", 1) not in RESUMABLE_LAYOUTS:
+            return PrepareAction.OVERWRITE
         try:
             old = FilterParams.from_dict(prov["params"])
             old_czyx = tuple(prov["shape"][1:])
@@ -304,8 +331,8 @@ class Output:
         if spec.n_positions > prov["shape"][0]:
             old_spec = OutputSpec(spec.params, prov["shape"][0], spec.n_channels, spec.shape, spec.voxel_size,
                                   spec.unit, max_plane=prov.get("pyramid", {}).get("max_plane", spec.max_plane))
-            for pos in range(old_spec.n_positions, spec.n_positions):
-                _create_position(root, pos, old_spec)
+            for pos in range(old_spec.n_positions, spec.n_positions):  # layout 2 stays unsharded (no "shards")
+                _create_position(root, pos, old_spec, prov.get("shards"))
             ome["multiscales"] = list(ome["multiscales"]) + [
                 _multiscale(q, old_spec) for q in range(old_spec.n_positions, spec.n_positions)]
             prov["shape"] = [spec.n_positions, *prov["shape"][1:]]
@@ -319,8 +346,9 @@ class Output:
 
     def _create(self, spec: OutputSpec, channels: Iterable[int]) -> dict[str, Any]:
         root = zarr.open_group(self.storage.zarr_store(), mode="a", zarr_format=3)
+        shards = shard_shapes(spec)
         for pos in range(spec.n_positions):
-            _create_position(root, pos, spec)
+            _create_position(root, pos, spec, shards)
         meta = root.require_group(META_GROUP)
         meta.attrs["description"] = "dogflow bookkeeping: completion markers, run lock, logs and previews"
         prov = {
@@ -334,9 +362,12 @@ class Output:
             "levels": [list(s) for s in spec.levels],
             "pyramid": {"method": pyramid.DOWNSAMPLING, "max_plane": spec.max_plane},
             "codec": dict(CODEC),
+            "chunks": [list(pyramid.chunk_shape(s)) for s in spec.levels],
+            "shards": shards,
             "input": spec.input,
             "channels": sorted({int(c) for c in channels}),
             "uint16_policy": pyramid.UINT16_POLICY,
+            "float16_policy": pyramid.FLOAT16_POLICY,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         ome = {
@@ -348,13 +379,16 @@ class Output:
         return prov
 
     # ---- writing one (position, channel)
-    def write_levels(self, position: int, channel: int, result: np.ndarray, output_dtype: str) -> int:
+    def write_levels(self, position: int, channel: int, result: np.ndarray, output_dtype: str,
+                     threads: int | None = None) -> int:
         """Write the float ``result`` (z, y, x) of one (position, channel) as every level; returns the level count.
 
         Each level is computed from the previous one in memory (no re-read), cast to the output dtype, written,
-        and dropped before the next; the extra memory is a quarter of ``result`` plus one cast copy (uint16),
-        bounded by :func:`tasks.pyramid.write_peak_bytes`. Chunks are encoded and written concurrently by
-        zarr's asynchronous pipeline (``async.concurrency``).
+        and dropped before the next; the extra memory is a quarter of ``result`` plus one cast copy (uint16,
+        float16), bounded by :func:`tasks.pyramid.write_peak_bytes`. Sharded levels (layout 3) are written as
+        whole shards by :func:`tasks.sharding.write_whole_shards` on up to ``threads`` threads: nothing is read
+        back, and each shard replaces the old one whole. Unsharded levels (layout 2) are written by zarr's
+        asynchronous pipeline (``async.concurrency``).
         """
         levels = self.n_levels(position)
         if levels == 0:
@@ -365,7 +399,8 @@ class Output:
                 current = pyramid.downsample_mean(current)
             # every chunk holds computed data: skip zarr's per-chunk "all fill value?" scan (measured ~25 % faster)
             arr = self.level(position, level, mode="r+").with_config({"write_empty_chunks": True})
-            arr[channel] = pyramid.to_output_dtype(current, output_dtype)
+            sharding.write_whole_shards(arr, (channel,), pyramid.to_output_dtype(current, output_dtype), threads,
+                                        self.storage, level_path(position, level))
         return levels
 
     @staticmethod

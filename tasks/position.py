@@ -150,7 +150,7 @@ def filter_channel(ds: Dataset, out: Output, position: int, channel: int, p: Fil
     del volume  # free the input before the pyramid is built
     lo, hi, mean = float(result.min()), float(result.max()), float(result.mean(dtype=np.float64))
     t3 = time.perf_counter()
-    levels = out.write_levels(position, channel, result, p.output_dtype)
+    levels = out.write_levels(position, channel, result, p.output_dtype, threads)
     del result
     t4 = time.perf_counter()
     res = ChannelResult(int(channel), lo, hi, mean, levels, round(t4 - t0, 3), round(t1 - t0, 3), round(t2 - t1, 3),

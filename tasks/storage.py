@@ -105,6 +105,13 @@ class Storage:
         """A filesystem path for ``key`` where the store has one (run logs are written there as they grow)."""
         return None
 
+    streams_objects: bool = False  # offers :meth:`writer`
+
+    def writer(self, key: str) -> Any:
+        """A context manager giving a binary file to write one object in pieces; the object appears whole when
+        the block ends without error, and not at all otherwise (a stream version of :meth:`write_atomic`)."""
+        raise NotImplementedError
+
     def __str__(self) -> str:
         return self.url
 
@@ -121,6 +128,24 @@ class LocalStorage(Storage):
 
     def zarr_store(self, key: str = "", read_only: bool = False) -> str:
         return str(self._path(key))
+
+    streams_objects = True
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Any:
+        # one writer per object (a shard has one task): temporaries other runs' crashed writers left are removed
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def local_path(self, key: str = "") -> Path:
         return self._path(key)
