@@ -33,7 +33,7 @@ SEED_SIGMA_LARGE = 200 / 2.35
 TRUNCATE = 4.0
 MODE = "nearest"
 MODES = dog.MODES
-OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPES = ("float32", "float16", "uint16")
 OUTPUT_DTYPE = "float32"
 CLUSTER = "local"
 

@@ -15,7 +15,7 @@ Layouts (``Dataset.layout``):
     A root with ``bioformats2raw.layout: 3`` (NGFF 0.4 attributes, or 0.5 under ``ome``); each series
     group (``0``, ``1``, ..., or the list in ``OME/``'s ``series`` attribute) is an NGFF image: one position.
 ``dogflow``
-    dogflow's own output (layout 2): an OME-Zarr group with one ``multiscales`` entry per position.
+    dogflow's own output (layouts 2 and 3): an OME-Zarr group with one ``multiscales`` entry per position.
 
 Voxel size and unit come from the NGFF metadata (scale of the full-resolution dataset, times the
 multiscale's own scale; unit of the z, y, x axes); every position must agree on shape, dtype, channel
@@ -269,7 +269,7 @@ def _open_group(root: zarr.Group, path: str) -> Dataset:
         series = _series(root, path)
         return Dataset(path, "bioformats2raw", [functools.partial(_image_in, root, s, path) for s in series])
     if meta.get("multiscales"):
-        layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") == 2 else "ome-zarr"
+        layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") in (2, 3) else "ome-zarr"
         return Dataset(path, layout, [functools.partial(_image, root, "", ms, path, i)
                                       for i, ms in enumerate(meta["multiscales"])])
     if "0" in root and isinstance(root["0"], zarr.Array):  # a group holding the plain array as "0"

@@ -70,7 +70,7 @@ def filter_channel(ds: Dataset, output_path: str, position: int, channel: int, p
     del volume  # free the input before the pyramid is built
     stats = {"min": float(result.min()), "max": float(result.max()), "mean": float(result.mean(dtype=np.float64))}
     t3 = time.perf_counter()
-    levels = store.write_levels(output_path, position, channel, result, p.output_dtype)
+    levels = store.write_levels(output_path, position, channel, result, p.output_dtype, threads)
     del result
     t4 = time.perf_counter()
     stats.update(channel=int(channel), levels=levels, seconds=round(t4 - t0, 3), read_seconds=round(t1 - t0, 3),

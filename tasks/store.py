@@ -1,9 +1,9 @@
 """The one module that owns dogflow's output layout, its completion markers and its bookkeeping paths.
 
-Output layout version 2 (``OUTPUT``, NGFF 0.5, zarr v3)::
+Output layout version 3 (``OUTPUT``, NGFF 0.5, zarr v3)::
 
     OUTPUT/zarr.json                      root group: ``ome`` = one ``multiscales`` entry per position
-                                          ("position 0", ...), ``dogflow`` = provenance (layout_version 2)
+                                          ("position 0", ...), ``dogflow`` = provenance (layout_version 3)
     OUTPUT/P/                             group of position P (0, 1, ...)
     OUTPUT/P/0                            level 0: (C, Z, Y, X) DoG at full resolution; C = the input's channels
     OUTPUT/P/1, P/2, ...                  levels 1..: 2x2 means in y, x of the level above, until y,x <= 1024
@@ -12,23 +12,31 @@ Output layout version 2 (``OUTPUT``, NGFF 0.5, zarr v3)::
     OUTPUT/dogflow/logs/<run>-<SLURM_JOB_ID|local>.log   one log file per run
     OUTPUT/dogflow/previews/PPPPPP/cCCCC.png             input MIP next to DoG MIP
 
-Arrays have ``dimension_names`` ["c", "z", "y", "x"] and chunks (1, <=64, <=256, <=256): one channel,
-never shared between positions (each position has its own arrays) nor between channels. Output channel
-c is the DoG of input channel c; channels that were not computed stay unwritten (fill value 0, no disk
-use) and have no marker. Level l has scale (1, vz, vy * 2^l, vx * 2^l) and translation
-(0, 0, vy * (2^l - 1) / 2, vx * (2^l - 1) / 2), so pixel centres of a 2x2 mean stay where they were;
-an odd last row or column is averaged with itself (mean of what exists). Axes z, y, x carry the
-input's unit (e.g. micrometer). One position as numpy: ``zarr.open_array("OUTPUT/3/0")[:]``.
+Arrays have ``dimension_names`` ["c", "z", "y", "x"], inner chunks (1, <=64, <=256, <=256) and zarr v3's
+sharding codec: shards of (1, Zs, Ys, Xs) whole inner chunks, at most :data:`tasks.sharding.SHARD_BYTES`
+(:func:`tasks.sharding.shard_shape`; a full seed position: 7 + 2 shard files per channel). One shard holds
+one channel of one level of one position, so it has exactly one writer, the task of that (position,
+channel), which writes it whole (:func:`tasks.sharding.write_whole_shards`). Output channel c is the DoG of
+input channel c; channels that were not computed stay unwritten (fill value 0, no disk use) and have no
+marker. Level l has scale (1, vz, vy * 2^l, vx * 2^l) and translation (0, 0, vy * (2^l - 1) / 2,
+vx * (2^l - 1) / 2), so pixel centres of a 2x2 mean stay where they were; an odd last row or column is
+averaged with itself (mean of what exists). Axes z, y, x carry the input's unit (e.g. micrometer). One
+position as numpy: ``zarr.open_array("OUTPUT/3/0")[:]``.
 
 Completion markers
     A (position, channel) is *complete* when its marker exists, parses, and records the same input
     fingerprint, parameter digest and dogflow version that the current run expects. Each marker is a
     file that only its task writes, replaced atomically (temporary name, ``fsync``, ``os.replace``), and
-    only after every level of that channel has been written. Group attributes (last writer wins) and
-    chunk existence (empty chunks are never written) are never used as markers.
+    only after every shard of every level of that channel has been written (each shard itself replaced in
+    one ``os.replace``). Group attributes (last writer wins) and chunk or shard existence are never used as
+    markers.
 
-Layout version 1 (one (P, Z, Y, X) array ``0``) is refused with a one-line message: ``--overwrite``
-recomputes it into layout 2, or a new output path starts afresh.
+Older layouts
+    Layout 2 (the same tree, unsharded: one file per inner chunk, 560 per full seed (position, channel))
+    keeps resuming as layout 2: its arrays stay unsharded, positions it gains are created unsharded, and
+    ``--overwrite`` recomputes it into layout 3. Layout 1 (one (P, Z, Y, X) array ``0``) is refused with a
+    one-line message: ``--overwrite`` recomputes it into layout 3, or a new output path starts afresh. A
+    layout newer than this dogflow's is refused (upgrade dogflow).
 """
 
 from __future__ import annotations
@@ -51,12 +59,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks import buffers, defaults, filters
+from tasks import buffers, defaults, filters, sharding
 from tasks.inputs import Dataset, StoreError, open_dataset
 
 __all__ = ["StoreError", "RunLockedError", "FilterParams", "OutputSpec", "MarkerRow", "OutputStatus", "RunLock"]
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # sharded arrays
+UNSHARDED_LAYOUT = 2  # layout 2: the same tree with unsharded arrays; still resumed as it is
+RESUMABLE_LAYOUTS = (UNSHARDED_LAYOUT, LAYOUT_VERSION)
 NGFF_VERSION = "0.5"
 OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 META_GROUP = "dogflow"
@@ -65,11 +75,14 @@ LOCK_NAME = "run.lock"
 LOG_DIR = "logs"
 PREVIEW_DIR = "previews"
 PYRAMID_MAX_PLANE = 1024  # levels halve y and x until both are <= this
+CHUNK_ZYX = (64, 256, 256)  # largest inner chunk (z, y, x): what viewers read
 DIMENSION_NAMES = ("c", "z", "y", "x")
 # Chosen by measurement on a (413, 512, 512) float32 DoG (see README "Output layout"): blosc lz4 with byte
 # shuffle writes 2-4x faster than zarr's default zstd and compresses better (ratio 1.89 vs 1.46).
 CODEC = {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 UINT16_POLICY = "round half to even, then clip to [0, 65535]"
+FLOAT16_POLICY = ("clip to [-65504, 65504], then round to the nearest float16 (11-bit significand: relative "
+                  "error <= 2**-11 for |v| >= 2**-14, absolute <= 2**-25 below)")
 DOWNSAMPLING = "2x2 mean in y,x of the level above, computed in float32; odd last row/column: mean of what exists"
 
 
@@ -195,23 +208,28 @@ def downsample_mean(a: np.ndarray, slab: int = 1) -> np.ndarray:
     return out
 
 
-CAST_BLOCK = 1 << 22  # elements cast to uint16 at a time (one float32 block of 16 MiB)
+CAST_BLOCK = 1 << 22  # elements cast to uint16/float16 at a time (one float32 block of 16 MiB)
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
     """Cast a float DoG to the output dtype.
 
     float32: as is. uint16: round half to even (``np.rint``), then clip to ``[0, 65535]``; negative DoG
-    values become 0, never wrap around.
+    values become 0, never wrap around. float16: clip to ``[-65504, 65504]`` (never infinity), then round to
+    the nearest float16, ties to even (numpy's cast): an 11-bit significand, so the relative error is at most
+    2**-11 for ``|v| >= 2**-14`` and the absolute error at most 2**-25 below that. The output equals
+    ``np.clip(result, -65504, 65504).astype(np.float16)``.
     """
     if output_dtype == "float32":
         return result.astype(np.float32, copy=False)
-    if output_dtype == "uint16":  # in blocks: the extra memory is the uint16 result plus one block
+    if output_dtype in ("uint16", "float16"):  # in blocks: the extra memory is the cast result plus one block
         src = np.ascontiguousarray(result).reshape(-1)
-        out = buffers.empty(src.shape, np.uint16)
+        out = buffers.empty(src.shape, np.dtype(output_dtype))
+        lo, hi = (0, 65535) if output_dtype == "uint16" else (-FLOAT16_MAX, FLOAT16_MAX)
         for i in range(0, src.size, CAST_BLOCK):
-            blk = np.rint(src[i : i + CAST_BLOCK])
-            np.clip(blk, 0, 65535, out=blk)
+            blk = np.rint(src[i : i + CAST_BLOCK]) if output_dtype == "uint16" else src[i : i + CAST_BLOCK].copy()
+            np.clip(blk, lo, hi, out=blk)
             out[i : i + CAST_BLOCK] = blk
         return out.reshape(np.shape(result))
     raise StoreError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
@@ -322,13 +340,9 @@ def check_output(path: str | os.PathLike, spec: OutputSpec, overwrite: bool) -> 
     prov = read_provenance(p)
     if prov is None:
         raise StoreError(f"output exists but was not written by dogflow: {path}")
-    if prov.get("layout_version", 1) != LAYOUT_VERSION:
-        if overwrite:
-            return "overwrite"
-        raise StoreError(
-            f"output {path} has dogflow's old layout {prov.get('layout_version', 1)} (one (position, z, y, x) "
-            f"array); use --overwrite to recompute it in layout {LAYOUT_VERSION}, or choose a new output path"
-        )
+    _check_layout(path, prov, overwrite)
+    if prov.get("layout_version", 1) not in RESUMABLE_LAYOUTS:
+        return "overwrite"
     try:
         old = FilterParams.from_dict(prov["params"])
         old_czyx = tuple(prov["shape"][1:])
@@ -353,6 +367,21 @@ def check_output(path: str | os.PathLike, spec: OutputSpec, overwrite: bool) -> 
         diff = "; ".join(spec.params.differences(old))
         raise StoreError(f"output exists with other parameters ({diff}); use --overwrite to recompute everything")
     return "open"
+
+
+def _check_layout(path: str | os.PathLike, prov: dict[str, Any], overwrite: bool) -> None:
+    """Raise (one line) unless the output's layout can be resumed, or replaced because ``overwrite``."""
+    v = prov.get("layout_version", 1)
+    if v in RESUMABLE_LAYOUTS:
+        return
+    if isinstance(v, int) and v > LAYOUT_VERSION:
+        raise StoreError(f"output {path} has layout {v}, newer than this dogflow's ({LAYOUT_VERSION}); "
+                         f"upgrade dogflow, or choose a new output path")
+    if not overwrite:
+        raise StoreError(
+            f"output {path} has dogflow's old layout {v} (one (position, z, y, x) array); use --overwrite to "
+            f"recompute it in layout {LAYOUT_VERSION}, or choose a new output path"
+        )
 
 
 def _codec() -> BloscCodec:
@@ -386,13 +415,28 @@ def _omero(n_channels: int, computed: Iterable[int]) -> dict[str, Any]:
                          for c in range(n_channels)]}
 
 
-def _create_position(root: zarr.Group, position: int, spec: OutputSpec) -> None:
+def chunk_shape(zyx: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """Inner chunk (1, z, y, x) of a level of (z, y, x): one channel, at most :data:`CHUNK_ZYX`."""
+    return (1, *(min(int(n), c) for n, c in zip(zyx, CHUNK_ZYX)))
+
+
+def shard_shapes(spec: OutputSpec) -> list[list[int]]:
+    """The shard shape (1, Zs, Ys, Xs) of every level of a layout-3 output (:func:`tasks.sharding.shard_shape`)."""
+    itemsize = np.dtype(spec.params.output_dtype).itemsize
+    return [list(sharding.shard_shape((spec.n_channels, *zyx), chunk_shape(zyx), itemsize)) for zyx in spec.levels]
+
+
+def _create_position(root: zarr.Group, position: int, spec: OutputSpec,
+                     shards: list[list[int]] | None = None) -> None:
+    """The level arrays of one position; ``shards`` (one shape per level) makes them sharded (layout 3),
+    None unsharded (layout 2)."""
     g = root.require_group(str(position))
-    for level, (z, y, x) in enumerate(spec.levels):
+    for level, zyx in enumerate(spec.levels):
         g.create_array(
             str(level),
-            shape=(spec.n_channels, z, y, x),
-            chunks=(1, min(z, 64), min(y, 256), min(x, 256)),
+            shape=(spec.n_channels, *zyx),
+            chunks=chunk_shape(zyx),
+            shards=tuple(shards[level]) if shards else None,
             dtype=np.dtype(spec.params.output_dtype),
             fill_value=0,
             compressors=_codec(),
@@ -429,8 +473,9 @@ def prepare_output(
         _remove_old_content(p)
     if action in ("create", "overwrite"):
         root = zarr.open_group(str(p), mode="a", zarr_format=3)
+        shards = shard_shapes(spec)
         for pos in range(spec.n_positions):
-            _create_position(root, pos, spec)
+            _create_position(root, pos, spec, shards)
         meta = root.require_group(META_GROUP)
         meta.attrs["description"] = "dogflow bookkeeping: completion markers, run lock, logs and previews"
         (p / META_GROUP / MARKER_DIR).mkdir(parents=True, exist_ok=True)
@@ -445,9 +490,12 @@ def prepare_output(
             "levels": [list(s) for s in spec.levels],
             "pyramid": {"method": DOWNSAMPLING, "max_plane": spec.max_plane},
             "codec": dict(CODEC),
+            "chunks": [list(chunk_shape(s)) for s in spec.levels],
+            "shards": shards,
             "input": spec.input,
             "channels": sorted({int(c) for c in channels}),
             "uint16_policy": UINT16_POLICY,
+            "float16_policy": FLOAT16_POLICY,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         ome = {
@@ -464,8 +512,8 @@ def prepare_output(
     if grown:
         old_spec = OutputSpec(spec.params, prov["shape"][0], spec.n_channels, spec.shape, spec.voxel_size, spec.unit,
                               max_plane=prov.get("pyramid", {}).get("max_plane", spec.max_plane))
-        for pos in range(old_spec.n_positions, spec.n_positions):
-            _create_position(root, pos, old_spec)
+        for pos in range(old_spec.n_positions, spec.n_positions):  # layout 2 stays unsharded (no "shards")
+            _create_position(root, pos, old_spec, prov.get("shards"))
         ome["multiscales"] = list(ome["multiscales"]) + [
             _multiscale(q, old_spec) for q in range(old_spec.n_positions, spec.n_positions)
         ]
@@ -484,21 +532,30 @@ def prepare_output(
 
 def write_peak_bytes(zyx: tuple[int, int, int], output_dtype: str) -> int:
     """Upper bound of what :func:`write_levels` holds at its peak, the float32 result ``W`` included: the pyramid
-    levels below it (each built from the one above: less than ``W / 3`` together) and, for uint16 output, the
-    cast copy of level 0 (``W / 2``, cast in blocks of :data:`CAST_BLOCK`). zarr's chunk buffers are not included."""
+    levels below it (each built from the one above: less than ``W / 3`` together), for uint16 and float16 output
+    the cast copy of level 0 (``W / 2``, cast in blocks of :data:`CAST_BLOCK`), and the shard writer's chunk
+    buffers (:func:`tasks.sharding.buffer_bytes`, at most :data:`tasks.sharding.MAX_WRITE_THREADS` threads).
+    zarr's own chunk buffers (layout 2's unsharded arrays) are not included."""
     n = int(np.prod(zyx))
     peak = n * 4 + n * 4 // 3
-    if np.dtype(output_dtype) == np.uint16:
-        peak += n * 2 + CAST_BLOCK * 4
+    itemsize = np.dtype(output_dtype).itemsize
+    if itemsize != 4:
+        peak += n * itemsize + CAST_BLOCK * 4
+    peak += sharding.buffer_bytes(int(np.prod(chunk_shape(zyx))) * itemsize, sharding.MAX_WRITE_THREADS)
     return peak
 
 
-def write_levels(out: str | os.PathLike, position: int, channel: int, result: np.ndarray, output_dtype: str) -> int:
+def write_levels(out: str | os.PathLike, position: int, channel: int, result: np.ndarray, output_dtype: str,
+                 threads: int | None = None) -> int:
     """Write the float DoG ``result`` (z, y, x) of one (position, channel) as every level; returns the level count.
 
     Each level is computed from the previous one in memory (no re-read), cast to the output dtype, written,
-    and dropped before the next; the extra memory is a quarter of ``result`` plus one cast copy (uint16).
-    Chunks are encoded and written concurrently by zarr's asynchronous pipeline (``async.concurrency``).
+    and dropped before the next; the extra memory is a quarter of ``result`` plus one cast copy (uint16,
+    float16). Sharded levels (layout 3) are written as whole shards by
+    :func:`tasks.sharding.write_whole_shards` on up to ``threads`` threads (default: the CPUs, at most
+    :data:`tasks.sharding.MAX_WRITE_THREADS`): nothing is read back, and each shard replaces the old one in
+    one rename. Unsharded levels (layout 2) are written by zarr's asynchronous pipeline
+    (``async.concurrency``).
     """
     levels = n_levels(out, position)
     if levels == 0:
@@ -509,7 +566,7 @@ def write_levels(out: str | os.PathLike, position: int, channel: int, result: np
             current = downsample_mean(current)
         # every chunk holds computed data: skip zarr's per-chunk "all fill value?" scan (measured ~25 % faster)
         arr = open_level(out, position, level, mode="r+").with_config({"write_empty_chunks": True})
-        arr[channel] = to_output_dtype(current, output_dtype)
+        sharding.write_whole_shards(arr, (channel,), to_output_dtype(current, output_dtype), threads)
     return levels
 
 
@@ -650,9 +707,8 @@ def status(out: str | os.PathLike) -> OutputStatus:
     prov = read_provenance(out) if output_exists(out) else None
     if prov is None:
         raise StoreError(f"not a dogflow output: {out}")
-    if prov.get("layout_version", 1) != LAYOUT_VERSION:
-        raise StoreError(f"output {out} has dogflow's old layout {prov.get('layout_version', 1)}; "
-                         f"re-run with --overwrite to recompute it in layout {LAYOUT_VERSION}")
+    if prov.get("layout_version", 1) not in RESUMABLE_LAYOUTS:
+        _check_layout(out, prov, overwrite=False)
     params = FilterParams.from_dict(prov["params"])
     channels = sorted(set(prov.get("channels", [])) | {c for _, c in marked(out)})
     try:

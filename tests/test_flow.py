@@ -49,7 +49,7 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
     assert ome["version"] == "0.5" and len(ome["multiscales"]) == 3
     assert [a["name"] for a in ome["multiscales"][2]["axes"]] == ["c", "z", "y", "x"]
     prov = g.attrs["dogflow"]
-    assert prov["channels"] == [1] and prov["params"]["sigma_large"] == SL and prov["layout_version"] == 2
+    assert prov["channels"] == [1] and prov["params"]["sigma_large"] == SL and prov["layout_version"] == 3
     assert prov["params"]["input_path"] == str(sample) and prov["version"]
     assert res.chunks[0] == 1
 

@@ -1,4 +1,4 @@
-"""The output layout (version 2), pyramid, completion markers, status and the run lock, on real Zarr stores on disk.
+"""The output layout (version 3, sharded; version 2 resumed unsharded), pyramid, completion markers, status and the run lock, on real Zarr stores on disk.
 
 Paths inside the output are asked from ``store``, never written out here."""
 
@@ -85,13 +85,14 @@ def test_large_arrays_are_populated_mappings_with_the_same_values(tmp_path, monk
     np.testing.assert_array_equal(u, np.clip(np.rint(f), 0, 65535).astype(np.uint16))
 
 
-def test_layout_v2_tree_and_ngff_metadata(tmp_path):
+def test_layout_v3_tree_and_ngff_metadata(tmp_path):
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=3, shape=(4, 41, 37))
     out = tmp_path / "o.zarr"
     spec = _spec(inp, max_plane=16)
     prov = store.prepare_output(out, spec, channels=[2, 0])
-    assert prov["layout_version"] == 2 and prov["channels"] == [0, 2]
+    assert prov["layout_version"] == 3 and prov["channels"] == [0, 2]
+    assert prov["shards"] == [[1, 4, 41, 37], [1, 4, 21, 19], [1, 4, 11, 10]] == store.shard_shapes(spec)
     assert prov["voxel_size"] == [2.0, 0.406, 0.406] and prov["unit"] == "micrometer"
     assert prov["codec"] == store.CODEC and prov["input"]["layout"] == "bioformats2raw"
     assert prov["levels"] == [[4, 41, 37], [4, 21, 19], [4, 11, 10]]
@@ -101,6 +102,7 @@ def test_layout_v2_tree_and_ngff_metadata(tmp_path):
             arr = store.open_level(out, p, level)
             assert arr.shape == (3, z, y, x) and arr.metadata.dimension_names == ("c", "z", "y", "x")
             assert arr.chunks == (1, z, y, x) and arr.metadata.zarr_format == 3
+            assert arr.shards == tuple(prov["shards"][level])  # zarr v3's sharding codec; here one chunk per shard
             assert arr.compressors[0].to_dict()["configuration"]["cname"] == "lz4"
             assert Path(arr.store_path.store.root) / arr.path == out / store.level_path(p, level)
     ome = zarr.open_group(str(out), mode="r").attrs["ome"]
@@ -186,7 +188,7 @@ def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_p
         store.check_output(out, moved, False)
     with pytest.raises(store.StoreError, match=r"another shape \(c,z,y,x\)=\(2, 4, 12, 10\), input has \(3, 4, 12, 10\)"):
         store.check_output(out, store.OutputSpec(spec.params, 2, 3, spec.shape, spec.voxel_size, spec.unit), False)
-    # layout 1 (what dogflow wrote before): refused with what to do, recomputed into layout 2 with overwrite
+    # layout 1 (what dogflow wrote before): refused with what to do, recomputed into layout 3 with overwrite
     v1 = tmp_path / "v1.zarr"
     g = zarr.open_group(str(v1), mode="w")
     g.create_array("0", shape=(2, 4, 12, 10), chunks=(1, 4, 12, 10), dtype="float32")
@@ -199,7 +201,7 @@ def test_check_output_refuses_other_params_shape_voxel_size_and_old_layout(tmp_p
     msg = str(info.value)
     assert "old layout 1" in msg and "--overwrite" in msg and "new output path" in msg and "\n" not in msg
     store.prepare_output(v1, spec, overwrite=True)
-    assert store.read_provenance(v1)["layout_version"] == 2 and store.open_level(v1, 1).shape == (2, 4, 12, 10)
+    assert store.read_provenance(v1)["layout_version"] == 3 and store.open_level(v1, 1).shape == (2, 4, 12, 10)
     assert not list(v1_markers.iterdir())
 
 
