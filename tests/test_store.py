@@ -280,7 +280,7 @@ def test_lock_heartbeat_keeps_it_fresh(tmp_path):
     lock.release()
 
 
-@pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
+@pytest.mark.parametrize("output_dtype", ["float32", "float16", "uint16"])
 def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dtype):
     """write_levels (every pyramid level, the uint16 cast) measured with tracemalloc stays within
     store.write_peak_bytes, and the memory plan covers that phase as well as the filter's."""
@@ -311,3 +311,137 @@ def test_write_peak_is_within_its_bound_and_the_memory_plan(tmp_path, output_dty
     assert np.array_equal(store.open_level(out, 0)[0], store.to_output_dtype(result, output_dtype))
     plan = filters.memory_per_task(filters.DOG, zyx, np.uint16, output_dtype)
     assert plan >= 1.1 * bound + filters.RUNTIME_OVERHEAD
+
+
+def _as_layout_2(out, spec):
+    """Turn a fresh output into what dogflow wrote as layout 2: the same tree, unsharded arrays, no "shards"."""
+    root = zarr.open_group(str(out), mode="a")
+    for p in range(spec.n_positions):
+        store._create_position(root, p, spec, None)
+    attrs = root.attrs.asdict()
+    prov = {k: v for k, v in attrs["dogflow"].items() if k not in ("shards", "chunks", "float16_policy")}
+    root.attrs.put({**attrs, "dogflow": {**prov, "layout_version": 2}})
+
+
+def test_layout_2_output_keeps_resuming_unsharded_and_overwrite_makes_it_layout_3(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=1, shape=(3, 30, 22))
+    out = tmp_path / "o.zarr"
+    spec = _spec(inp, max_plane=8)
+    store.prepare_output(out, spec)
+    _as_layout_2(out, spec)
+    assert store.check_output(out, spec, False) == "open"
+    prov = store.prepare_output(out, spec)
+    assert prov["layout_version"] == 2 and "shards" not in prov
+    result = np.random.default_rng(0).normal(size=(3, 30, 22)).astype(np.float32)
+    assert store.write_levels(out, 1, 0, result, "float32") == 3
+    arr = store.open_level(out, 1)
+    assert arr.shards is None and arr.chunks == (1, 3, 30, 22)
+    np.testing.assert_array_equal(arr[0], result)
+    assert store.status(out).provenance["layout_version"] == 2
+    # positions a layout-2 output gains are unsharded too
+    make_bioformats2raw(tmp_path / "more.zarr", positions=3, channels=1, shape=(3, 30, 22))
+    grown = store.OutputSpec(_params(inp), 3, 1, (3, 30, 22), (2.0, 0.406, 0.406), "micrometer", max_plane=8)
+    assert store.prepare_output(out, grown)["layout_version"] == 2
+    assert all(store.open_level(out, 2, lv).shards is None for lv in range(3))
+    # --overwrite recomputes into layout 3 (sharded)
+    prov = store.prepare_output(out, spec, overwrite=True)
+    assert prov["layout_version"] == 3 and store.open_level(out, 0).shards == tuple(prov["shards"][0])
+
+
+def test_layout_newer_than_this_dogflow_is_refused_in_one_line(tmp_path):
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=1, channels=1, shape=(2, 8, 8))
+    out = tmp_path / "o.zarr"
+    spec = _spec(inp)
+    store.prepare_output(out, spec)
+    root = zarr.open_group(str(out), mode="a")
+    root.attrs["dogflow"] = {**root.attrs["dogflow"], "layout_version": 4}
+    for call in (lambda: store.check_output(out, spec, False), lambda: store.check_output(out, spec, True),
+                 lambda: store.status(out)):
+        with pytest.raises(store.StoreError) as info:
+            call()
+        assert "layout 4, newer than this dogflow's (3)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_float16_policy_rounds_to_nearest_and_clips_at_65504():
+    x = np.array([-1e6, -65519.0, 0.1, 1 / 3, 2049.0, 2051.0, 65504.0, 65519.0, 65520.0, 3e38], dtype=np.float32)
+    out = store.to_output_dtype(x, "float16")
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out, np.clip(x, -65504, 65504).astype(np.float16))
+    assert out[[0, 1, 6, 7, 8, 9]].tolist() == [-65504.0, -65504.0, 65504.0, 65504.0, 65504.0, 65504.0]
+    assert out[4] == 2048.0 and out[5] == 2052.0  # 11-bit significand: steps of 2 above 2048, ties to even
+    v = np.random.default_rng(3).normal(0, 1000, 100_000).astype(np.float32)
+    rel = np.abs(store.to_output_dtype(v, "float16").astype(np.float64) - v) / np.maximum(np.abs(v), 2.0**-14)
+    assert rel.max() <= 2.0**-11
+
+
+def test_float16_output_is_the_float32_result_rounded(tmp_path):
+    """The whole task, twice: float16 output equals the float32 output rounded to float16, at every level."""
+    from tasks.position import process_position
+
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=2, channels=2, shape=(6, 40, 36))
+    outs = {}
+    for dtype in ("float32", "float16"):
+        outs[dtype] = tmp_path / f"{dtype}.zarr"
+        spec = _spec(inp, max_plane=16, output_dtype=dtype)
+        store.prepare_output(outs[dtype], spec, channels=[1])
+        process_position(str(inp), str(outs[dtype]), 1, spec.params.as_dict(), threads=1, channels=[1])
+    assert store.n_levels(outs["float16"], 1) == 3
+    for level in range(3):
+        full = store.open_level(outs["float32"], 1, level)[1]
+        half = store.open_level(outs["float16"], 1, level)
+        assert half.dtype == np.float16 and half.shards is not None
+        np.testing.assert_array_equal(half[1], full.astype(np.float16))
+    assert store.read_marker(outs["float16"], 1, 1) is not None
+
+
+_CRASH = """
+import os, sys
+from tasks import store
+from tasks.position import process_position
+real, calls = os.replace, []
+def crash_in_second_shard(src, dst):  # os.replace of every caller (the preview too), so count shards only
+    calls.append("/c/" in str(dst))
+    if sum(calls) == 2:  # the second shard's bytes are half on disk when the process dies
+        with open(src, "r+b") as fh:
+            fh.truncate(os.path.getsize(src) // 2)
+        os._exit(9)
+    real(src, dst)
+os.replace = crash_in_second_shard
+process_position(sys.argv[1], sys.argv[2], 0, store.FilterParams.from_dict(store.read_provenance(sys.argv[2])["params"]).as_dict(),
+                 threads=1, channels=[0])
+"""
+
+
+def test_a_crash_mid_shard_is_never_complete_and_the_rerun_rewrites_it(tmp_path, monkeypatch):
+    """A real crash: the task's process dies (os._exit) while its second shard is half written. No marker, no torn
+    shard under a shard's name (at most a temporary file), status says missing; the rerun rewrites every
+    shard, removes the temporary file and marks the channel complete with the right data."""
+    from tasks.position import process_position
+
+    monkeypatch.setattr(store, "CHUNK_ZYX", (4, 16, 16))
+    monkeypatch.setattr("tasks.sharding.SHARD_BYTES", 4 * 8 * 48 * 48)  # shards (1, 8, 48, 48): 3 along z
+    inp = tmp_path / "in.zarr"
+    make_bioformats2raw(inp, positions=1, channels=1, shape=(20, 40, 36))
+    out = tmp_path / "o.zarr"
+    spec = _spec(inp)
+    prov = store.prepare_output(out, spec, channels=[0])
+    assert prov["shards"] == [[1, 8, 48, 48]]
+    level0 = out / store.level_path(0, 0)
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(inp), str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert store.read_marker(out, 0, 0) is None
+    assert [r.state for r in store.status(out).rows] == ["missing"]
+    temps = list(level0.rglob("*.tmp"))
+    shards = [f for f in level0.rglob("c/*/*/*/*") if not f.name.endswith(".tmp")]
+    assert len(temps) == 1 and len(shards) == 1  # the first shard whole, the second only as a temporary file
+    arr = store.open_level(out, 0)
+    arr[0, :8]  # the finished shard reads (its index checksum holds)
+    process_position(str(inp), str(out), 0, spec.params.as_dict(), threads=2, channels=[0])
+    assert not list(level0.rglob("*.tmp"))
+    assert len(list(level0.rglob("c/*/*/*/*"))) == 3  # (20, 40, 36) in shards of (8, 48, 48)
+    from conftest import assert_output_exact
+    assert_output_exact(out, inp, (1.0,) * 3, (2.0,) * 3)
