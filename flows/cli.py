@@ -100,7 +100,8 @@ def run(
     fwhm_large: Optional[str] = typer.Option(None, help="large Gaussian as FWHM"),
     positions: Optional[str] = typer.Option(None, help="positions, e.g. 0-9,15 [default: all]"),
     cluster: str = typer.Option(defaults.CLUSTER, help="cluster profile name (shipped profiles) or YAML path"),
-    output_dtype: str = typer.Option(defaults.OUTPUT_DTYPE, help="float32 or uint16 (rounded, clipped to 0..65535)"),
+    output_dtype: str = typer.Option(defaults.OUTPUT_DTYPE, help="float32, float16 (clipped to +-65504) or uint16 "
+                                                                 "(rounded, clipped to 0..65535)"),
     truncate: float = typer.Option(defaults.TRUNCATE, help="kernel radius in σ (scipy: int(truncate·σ+0.5))"),
     mode: str = typer.Option(defaults.MODE, help=f"edge mode: {', '.join(defaults.MODES)}"),
     overwrite: bool = typer.Option(False, help="replace an output written with other parameters"),
@@ -171,15 +172,18 @@ def plan(
     cluster: str = typer.Option("local", help="cluster profile name or YAML path"),
     channel: int = typer.Option(0),
     positions: Optional[str] = typer.Option(None),
-    output_dtype: str = typer.Option("float32"),
+    output_dtype: str = typer.Option("float32", help="float32, float16 or uint16"),
 ) -> None:
-    """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs. Submits nothing."""
+    """Print what a run would do on CLUSTER: job script, memory per task, positions and jobs, the output's size and
+    file count. Submits nothing."""
     from flows import clusters
     from flows.request import ParameterError, parse_channels, parse_positions
-    from tasks import filters
+    from tasks import filters, sharding, store
     from tasks.inputs import StoreError, open_dataset
 
     try:
+        if output_dtype not in defaults.OUTPUT_DTYPES:
+            raise StoreError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(defaults.OUTPUT_DTYPES)}")
         ds = open_dataset(input_path)
         parse_channels(None, ds.n_channels, channel)
         pos = parse_positions(positions, ds.n_positions)
@@ -192,6 +196,8 @@ def plan(
                f"(z, y, x) {ds.shape} {ds.dtype}")
     typer.echo(f"positions: {len(pos)}")
     for line in lines:
+        typer.echo(line)
+    for line in sharding.footprint(store.level_shapes(ds.shape), store.chunk_shape, output_dtype, len(pos), 1).lines():
         typer.echo(line)
 
 

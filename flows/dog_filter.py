@@ -63,7 +63,8 @@ def dog_filter(
         positions: Positions to filter: empty for all, a range string such as "0-9,15", or a list.
         truncate: Kernel radius in sigmas (scipy semantics: radius = int(truncate * sigma + 0.5)).
         mode: Edge mode, as in scipy.ndimage (nearest = edge replication).
-        output_dtype: float32, or uint16 (rounded half to even, clipped to 0..65535).
+        output_dtype: float32; float16 (clipped to ±65504, rounded to nearest: half the bytes); or uint16 (rounded half
+            to even, clipped to 0..65535).
         overwrite: Replace an existing output written with other parameters or another shape.
         force: Recompute every selected position, even those complete and unchanged.
         cluster: Cluster profile: a shipped profile name (local, slurm, ...) or a path to a YAML file.

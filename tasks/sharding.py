@@ -217,15 +217,19 @@ class Footprint:
     run_bytes: int
 
     def lines(self, ratio: float | None = None) -> list[str]:
-        """What ``dogflow plan`` prints; ``ratio`` (uncompressed / stored) adds an estimate of the stored size."""
-        def size(n: int) -> str:
-            s = f"{n / 1e9:.1f} GB"
-            return s + (f" (about {n / ratio / 1e9:.1f} GB stored at ratio {ratio:.2f})" if ratio else "")
+        """What ``dogflow plan`` prints: sizes uncompressed (what the codec stores is smaller by its ratio, which
+        depends on the data); ``ratio`` (uncompressed / stored) adds an estimate of the stored size."""
+        def size(n: float) -> str:
+            return next(f"{n / f:.1f} {u}" for f, u in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                        if n >= f or f == 1)
+
+        def sizes(n: int) -> str:
+            return f"{size(n)} uncompressed" + (f" (about {size(n / ratio)} stored at ratio {ratio:.2f})" if ratio else "")
         return [
             f"output: levels {self.levels}, {self.channels} channel(s) per position, {self.itemsize}-byte values",
-            f"output per position: {size(self.bytes_per_position)}, {self.files_per_position} files "
+            f"output per position: {sizes(self.bytes_per_position)}, {self.files_per_position} files "
             f"({self.data_files_per_channel} shard files per channel)",
-            f"output for the run ({self.positions} positions): {size(self.run_bytes)}, {self.run_files} files",
+            f"output for the run ({self.positions} positions): {sizes(self.run_bytes)}, {self.run_files} files",
         ]
 
 

@@ -172,8 +172,15 @@ def test_plan_prints_job_script_and_memory_without_submitting(sample):
     assert "positions: 2" in out and "memory per task:" in out and "22.50 GiB available" in out
     assert "workers: 128 (adaptive 0-128), jobs: up to 16, task slots per job: 8" in out
     assert "#SBATCH -p compute" in out and "distributed.cli.dask_worker" in out
+    # (12, 40, 36) float32, one level in one shard per channel: 1 shard + marker + preview, group and level zarr.json
+    assert "output per position: 69.1 kB uncompressed, 5 files (1 shard files per channel)" in out
+    assert "output for the run (2 positions): 138.2 kB uncompressed, 12 files" in out
+    res = runner.invoke(app, ["plan", str(sample), "--positions", "0-1", "--output-dtype", "float16"])
+    assert res.exit_code == 0 and "output per position: 34.6 kB uncompressed" in res.stdout
     res = runner.invoke(app, ["plan", str(sample), "--cluster", "nosuch"])
     assert res.exit_code == 2 and "unknown cluster profile" in res.stderr
+    res = runner.invoke(app, ["plan", str(sample), "--output-dtype", "int8"])
+    assert res.exit_code == 2 and "unknown output dtype 'int8'" in res.stderr
 
 
 def test_run_shows_progress_bar_with_eta_on_a_terminal(sample, tmp_path):

@@ -133,4 +133,4 @@ def test_footprint_of_a_seed_run():
     half = sharding.footprint(levels, store.chunk_shape, "float16", positions=840, channels=3)
     assert half.bytes_per_position * 2 == fp.bytes_per_position and half.data_files_per_channel == 5
     lines = fp.lines(ratio=1.89)
-    assert len(lines) == 3 and "26.0 GB" in lines[1] and "about 13.7 GB stored" in lines[1] and "30242 files" in lines[2]
+    assert len(lines) == 3 and "26.0 GB uncompressed" in lines[1] and "about 13.7 GB stored" in lines[1] and "30242 files" in lines[2]
