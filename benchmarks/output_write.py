@@ -46,6 +46,21 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "dogflow" not in f.parts)
 
 
+def write_sample(arr: zarr.Array, shape: tuple[int, int, int], rng: np.random.Generator, tile: int = 512) -> None:
+    """flows.sample's blobs on a background with Poisson noise (400 blobs per (z, 512, 512)). Planes larger than
+    ``tile`` are mirrored tiles of one (z, tile, tile) sample (seamless, so the DoG sees one continuous volume):
+    ``sample_volume`` of a full position would hold two float64 volumes (28 GB) and take minutes."""
+    z, y, x = shape
+    if y <= tile and x <= tile:
+        arr[0, 0] = sample_volume(shape, 400, rng)
+        return
+    base = sample_volume((z, tile, tile), 400, rng)
+    for i in range(0, y, tile):
+        for j in range(0, x, tile):
+            t = base[:, :: -1 if (i // tile) % 2 else 1, :: -1 if (j // tile) % 2 else 1]
+            arr[0, 0, :, i : i + tile, j : j + tile] = t[:, : min(tile, y - i), : min(tile, x - j)]
+
+
 def one_position(inp: Path, out: Path, dtype: str = "float32") -> dict[str, float]:
     """The task's sequence for one channel: read, DoG, preview, free the input, write every level."""
     t = {}
@@ -82,7 +97,7 @@ def main() -> None:
     try:
         inp, out = work / "in.zarr", work / "out.zarr"
         arr = zarr.create_array(str(inp), shape=(1, 1, *shape), chunks=(1, 1, 64, 256, 256), dtype="uint16")
-        arr[0, 0] = sample_volume(shape, 400, np.random.default_rng(0))
+        write_sample(arr, shape, np.random.default_rng(0))
         del arr
         ds = open_dataset(inp)
         spec = _spec(inp, ds, max_plane)
