@@ -106,7 +106,7 @@ def main() -> None:
               f"cpus {os.cpu_count()}", flush=True)
         vol_bytes = 4 * int(np.prod(shape))
         if a.full:
-            result = engine_result(ds)
+            result = engine_result(inp, ds)
         else:
             t = one_position(inp, out)
             written = sum(4 * int(np.prod(s)) for s in spec.levels)
@@ -116,7 +116,7 @@ def main() -> None:
                   f"{written / du(out):.2f}")
             _, peak = buffers.traced_peak(lambda: one_position(inp, out))   # large arrays from numpy, which tracemalloc sees
             print(f"peak traced memory of read+engine+preview+write: {peak / vol_bytes:.2f}x the float32 volume")
-            result = engine_result(ds) if (a.layouts or a.shards or a.codecs) else None
+            result = engine_result(inp, ds) if (a.layouts or a.shards or a.codecs) else None
         shutil.rmtree(out, ignore_errors=True)
         if a.layouts:
             compare_layouts(work, inp, ds, max_plane, result, a.reps)
@@ -133,9 +133,23 @@ def _spec(inp: Path, ds, max_plane: int, dtype: str = "float32") -> store.Output
     return store.OutputSpec.for_dataset(params, ds, max_plane=max_plane)
 
 
-def engine_result(ds) -> np.ndarray:
+def engine_result(inp: Path, ds, tile: int = 512) -> np.ndarray:
+    """The DoG of the input. A plane larger than ``tile`` (the input is mirrored tiles, :func:`write_sample`) is
+    the DoG of one tile with ``mode="reflect"``, tiled the same way: the exact DoG of the whole mirrored volume
+    in its interior (the seed's "nearest" differs only at the outer faces), for a fraction of the engine's time
+    and memory (a full position's engine holds 14 GB)."""
     t0 = time.perf_counter()
-    result = dog.difference_of_gaussians(ds.read(0, 0), SIGMA_SMALL, SIGMA_LARGE)
+    z, y, x = ds.shape
+    if y <= tile and x <= tile:
+        result = dog.difference_of_gaussians(ds.read(0, 0), SIGMA_SMALL, SIGMA_LARGE)
+    else:
+        first = zarr.open_array(str(inp), mode="r")[0, 0, :, :tile, :tile]
+        base = dog.difference_of_gaussians(first, SIGMA_SMALL, SIGMA_LARGE, mode="reflect")
+        result = buffers.empty((z, y, x), np.float32)
+        for i in range(0, y, tile):
+            for j in range(0, x, tile):
+                t = base[:, :: -1 if (i // tile) % 2 else 1, :: -1 if (j // tile) % 2 else 1]
+                result[:, i : i + tile, j : j + tile] = t[:, : min(tile, y - i), : min(tile, x - j)]
     print(f"engine {time.perf_counter() - t0:.1f} s", flush=True)
     return result
 
