@@ -30,7 +30,7 @@ def _legacy_group(path):
 
 
 def _dogflow_output(path, tmp_path):
-    """dogflow's own layout-2 output (two positions, channel 1 computed), written through store."""
+    """dogflow's own (layout 3, sharded) output (two positions, channel 1 computed), written through store."""
     src = tmp_path / "src.zarr"
     data = make_bioformats2raw(src, positions=2, channels=2, shape=SHAPE, chunks=CHUNKS, blobs=4)
     ds = open_dataset(src)
