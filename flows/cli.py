@@ -144,7 +144,9 @@ def _plan(**values: Any) -> None:
     if spec.notice:
         typer.echo(spec.notice)
     p = spec.params
-    typer.echo(f"filter: {p.kind}, {p.filter.describe()} voxels, truncate {p.filter.truncate:g}, mode {p.filter.mode}, "
+    f = p.filter
+    sigmas = ", ".join(f"{n} {units.format_lengths(getattr(f, n))}" for n in f.sigmas)
+    typer.echo(f"filter: {p.kind}, {sigmas} voxels, truncate {f.truncate:g}, mode {f.mode}, "
                f"output {p.output_dtype}; channels {','.join(map(str, spec.channels))}")
     line = f"positions: {len(spec.positions)}"
     if pending is not None:

@@ -197,7 +197,8 @@ PARAMS: tuple[Param, ...] = (
           "4", site=True, remembered=True, seed=defaults.TRUNCATE),
     Param("mode", Kind.CHOICE, UNSET, "Edge mode, as in scipy.ndimage (nearest: edge replication)",
           choices=lambda: defaults.MODES, site=True, remembered=True, seed=defaults.MODE),
-    Param("output_dtype", Kind.CHOICE, UNSET, "float32, or uint16 (rounded half to even, clipped to 0..65535)",
+    Param("output_dtype", Kind.CHOICE, UNSET, "float32; float16 (half the bytes: 11-bit significand, clipped to "
+          "±65504); or uint16 (rounded half to even, clipped to 0..65535)",
           choices=lambda: defaults.OUTPUT_DTYPES, site=True, remembered=True, seed=defaults.OUTPUT_DTYPE),
     Param("cluster", Kind.CHOICE, defaults.CLUSTER, "Cluster profile shipped with dogflow (on the command line "
           "also a path to a profile YAML)", choices=_profiles, site=True, metavar="NAME|PATH"),

@@ -144,7 +144,7 @@ def test_plan_continues_an_output_as_it_was_made(inp, tmp_path):
     assert res.exit_code == 0, res.output
     assert (f"continuing {out} as it was made: --sigma-small 1 --sigma-large 3 --truncate 4 --mode nearest "
             f"--output-dtype float32 --channels 0") in res.stdout
-    assert "filter: sigma_small 1, sigma_large 3 voxels, truncate 4, mode nearest, output float32; channels 0" \
+    assert "filter: dog, sigma_small 1, sigma_large 3 voxels, truncate 4, mode nearest, output float32; channels 0" \
         in res.stdout
     assert "positions: 3 (3 to filter, 0 complete and unchanged)" in res.stdout  # its one marker is not a real one
     seed = tmp_path / "seed.zarr"
@@ -158,14 +158,14 @@ def test_plan_continues_an_output_as_it_was_made(inp, tmp_path):
     res = runner.invoke(app, ["plan", str(inp), str(seed), "--sigma-small", "21.28", "--mode", "nearest"])
     assert res.exit_code == 0, res.output
     assert "--sigma-large 85.11 --truncate 4 --output-dtype float32 --channels 1" in res.stdout
-    assert "filter: sigma_small 21.28, sigma_large 85.11 voxels" in res.stdout
+    assert "filter: dog, sigma_small 21.28, sigma_large 85.11 voxels" in res.stdout
 
 
 def test_plan_takes_the_schemas_defaults_and_the_run_options(inp):
     res = runner.invoke(app, ["plan", str(inp), "--channels", "0,1", "--sigma-small", "1", "--sigma-large", "2",
                               "--voxel-size", "2,1,1", "--output-dtype", "uint16", "--truncate", "3"])
     assert res.exit_code == 0, res.output
-    assert "filter: sigma_small 1, sigma_large 2 voxels, truncate 3, mode nearest, output uint16; channels 0,1" \
+    assert "filter: dog, sigma_small 1, sigma_large 2 voxels, truncate 3, mode nearest, output uint16; channels 0,1" \
         in res.stdout
     assert "profile: " in res.stdout and "local.yaml (local)" in res.stdout  # the schema's default cluster
     res = runner.invoke(app, ["plan", str(inp), "--sigma-small", "1um", "--sigma-large", "2"])

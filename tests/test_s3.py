@@ -251,3 +251,22 @@ def test_kill_mid_run_then_rerun_keeps_complete_positions(s3_server, tmp_path):
         assert o.markers.read(*pc)["finished"] == finished  # complete positions kept
     assert_output_exact(out, inp, SS, SL)
     assert not S3Storage(out).exists(LOCK_KEY)
+
+
+def test_cluster_reached_by_address_filters_s3_data(s3_server, tmp_path):
+    """What a Kubernetes or Coiled user has: a running Dask cluster, reached by its address, whose workers see
+    no filesystem of the flow's machine; the data are on S3 and each worker reads its own AWS_* environment."""
+    from distributed import Client, LocalCluster
+
+    local = tmp_path / "in.zarr"
+    make_sample(local, positions=2, channels=1, shape=(6, 24, 20), chunks=(3, 12, 10), blobs=3, seed=8)
+    inp, out = upload(local, "s3://data/address/in.zarr"), "s3://data/address/out.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        profile = tmp_path / "cloud.yaml"
+        profile.write_text(f"cluster_type: address\naddress: {cluster.scheduler_address}\n")
+        res = run_cli("run", inp, out, *SIGMA, "--cluster", profile, "--no-progress")
+        assert res.returncode == 0, res.stderr[-3000:]
+        with Client(cluster) as client:
+            worker_pids = set(client.run(os.getpid).values())
+    assert_output_exact(out, inp, SS, SL)
+    assert {Output(out).markers.read(p, 0)["pid"] for p in range(2)} <= worker_pids  # that cluster's workers ran them
