@@ -54,7 +54,7 @@ def _request(values: dict[str, Any], **fixed: Any):
         _fail(str(exc))
 
 
-def _execute(request, show_progress: bool, verbose: bool) -> dict:
+def _execute(request, show_progress: bool, verbose: bool, temporary_api: Any = "start") -> dict:
     """:func:`flows.run.execute`, its refusals and failures as one line and an exit status."""
     from flows import run as run_, runlog
     from flows.request import ParameterError
@@ -62,7 +62,7 @@ def _execute(request, show_progress: bool, verbose: bool) -> dict:
     try:
         return run_.execute(request, notice=lambda line: typer.echo(f"dogflow: {line}"),
                             progress=(lambda: _progress_bar(True)) if show_progress else None,
-                            before_prefect=lambda: runlog.quiet_terminal(verbose))
+                            before_prefect=lambda: runlog.quiet_terminal(verbose), temporary_api=temporary_api)
     except ParameterError as exc:
         _fail(str(exc))
     except run_.RunFailed as exc:
@@ -98,11 +98,9 @@ def demo(
     cluster: str = typer.Option(params.BY_NAME["cluster"].default, help="cluster profile name or YAML path"),
 ) -> None:
     """Write a small synthetic 5-D dataset, filter it, and say where the result is."""
-    from flows import api, runlog
+    from flows import api
 
     temporary_api = api.start_temporary_api()  # boots while the sample is written
-    from flows import run as run_
-    from flows.request import ParameterError
     from flows.sample import make_sample
 
     wd = Path(workdir).resolve()
@@ -112,13 +110,7 @@ def demo(
     typer.echo(f"dogflow demo: sample dataset {inp} shape {tuple(arr.shape)} uint16")
     request = _request({}, input_path=str(inp), output_path=str(out), sigma_small="1,2,2", sigma_large="3,6,6",
                        overwrite=True, force=True, retry_delay_seconds=1.0, **params.split_cluster(cluster))
-    try:
-        summary = run_.execute(request, progress=lambda: _progress_bar(True), temporary_api=temporary_api,
-                               before_prefect=lambda: runlog.quiet_terminal(False))
-    except ParameterError as exc:
-        _fail(str(exc))
-    except run_.RunFailed as exc:
-        _fail(str(exc), code=1)
+    summary = _execute(request, show_progress=True, verbose=False, temporary_api=temporary_api)
     typer.echo(f"dogflow demo: {summary['processed']} positions filtered.")
     typer.echo(f"dogflow demo: output is {out} (OME-Zarr; position P is array 'P/0', shape (C, Z, Y, X) "
                f"{request.output_dtype or params.BY_NAME['output_dtype'].seed})")

@@ -117,9 +117,15 @@ class _RequestMethods:
         # one form per value, whoever built the request (CLI, flow, Python): text parameters as text, and a
         # profile path given as `cluster` moved to `cluster_file`, so that equal runs compare equal
         for p in params.PARAMS:
+            value = getattr(self, p.name)
             if p.kind is params.Kind.TEXT or p.kind is params.Kind.CHOICE:
-                value = params.as_text(getattr(self, p.name))
-                object.__setattr__(self, p.name, value.strip() if isinstance(value, str) else value)
+                value = params.as_text(value)
+                value = value.strip() if isinstance(value, str) else value
+            elif p.kind is params.Kind.SECONDS and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # what the flow's parameter validation makes of it
+            elif p.kind is params.Kind.NUMBER and isinstance(value, str):
+                value = value.strip() or None
+            object.__setattr__(self, p.name, value)
         if self.cluster and self.cluster not in params.BY_NAME["cluster"].choices():
             if self.cluster_file and self.cluster_file != self.cluster:
                 raise ParameterError(f"give cluster {self.cluster!r} or cluster_file {self.cluster_file!r}, not both")
@@ -254,7 +260,8 @@ class _RequestMethods:
                 raise ParameterError(msg) from None
         need = filters.memory_per_task(r.kind.kind, ds.shape, ds.dtype, r.output_dtype)
         profile = _profile(self.profile_name, need, plan_only)
-        notice = f"continuing {self.output_path} as it was made: {' '.join(r.taken)}" if r.taken else ""
+        verb = "overwriting {}, with these as it was made" if self.overwrite and made else "continuing {} as it was made"
+        notice = f"{verb.format(self.output_path)}: {' '.join(r.taken)}" if r.taken else ""
         return RunSpec(self, in_abs, out_abs, (ds.n_positions, ds.n_channels, *ds.shape), str(ds.dtype),
                        tuple(positions), tuple(channels), fparams, output, profile, need, notice)
 

@@ -76,7 +76,8 @@ class Handover:
 
 
 def _key(request: Any) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in request.parameters().items()))
+    # a request's values are text, numbers, switches or None (RunRequest normalises them): == as Python compares
+    return tuple(sorted(request.parameters().items()))
 
 
 HANDOVER = Handover()

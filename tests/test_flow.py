@@ -222,3 +222,24 @@ def test_address_profile_joins_a_tls_scheduler(prefect_api, sample, tmp_path):
     finally:
         dask.config.config.clear()
         dask.config.config.update(saved)
+
+
+def test_a_cli_run_validates_once_and_the_flow_alone_validates_itself(prefect_api, sample, tmp_path, monkeypatch):
+    """flows.run.execute (what `dogflow run` calls) validates, holds the lock and hands both to the flow it runs
+    in this process (flows.run.HANDOVER): one validation. The flow called on its own (a deployment) validates."""
+    from flows import run
+    from flows.dog_filter import dog_filter
+    from flows.request import RunRequest
+
+    calls = []
+    validate = RunRequest.validate
+    monkeypatch.setattr(RunRequest, "validate", lambda self, *a, **kw: calls.append(1) or validate(self, *a, **kw))
+    out = tmp_path / "out.zarr"
+    request = RunRequest(str(sample), str(out), channels=1, sigma_small=SS, sigma_large=SL, retries=0,
+                         retry_delay_seconds=0)
+    summary = run.execute(request, temporary_api=None)  # the session's API is configured: the flow runs
+    assert summary["processed"] == 3 and calls == [1]
+    assert run.claim(request) is None and not store.lock_path(out).exists()
+    assert dog_filter(**request.parameters(), return_state=True).result()["skipped"] == 3
+    assert calls == [1, 1]
+    assert_output_exact(out, sample, SS, SL, channel=1)
