@@ -182,6 +182,7 @@ def _locked(request: Any, spec: Any, temporary_api: Any, progress: Optional[Call
 
 def _flow(request: Any, prepared: Prepared, temporary_api: Any, progress: Optional[Callable[[], Any]]) -> dict:
     from flows.api import prefect_api
+    from flows.dog_filter import dog_filter  # imports Prefect (1-4 s here) while the temporary server boots
 
     spec = prepared.spec
     with prefect_api(temporary_api) as temporary:
@@ -193,8 +194,6 @@ def _flow(request: Any, prepared: Prepared, temporary_api: Any, progress: Option
             with HANDOVER.holding(prepared), (progress() if progress else contextlib.nullcontext()):
                 if temporary is not None:
                     temporary.wait()
-                from flows.dog_filter import dog_filter
-
                 state = dog_filter(**request.parameters(), return_state=True)
         finally:
             if prepared.early is not None:
