@@ -37,8 +37,9 @@ import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.storage import LocalStore
 
-from tasks.storage import Storage
+from tasks.storage import LocalStorage, Storage
 
 # Chosen by measurement (benchmarks/output_write.py --shards, README "Output layout"): shards of at most 1 GiB
 # (in the output dtype). A full seed position: level 0 in 7 shards (1, 64, 2048, 2048), level 1 in 2 shards
@@ -103,11 +104,12 @@ class _ShardedArray:
     encode_key: Callable[[tuple[int, ...]], str]
 
     @classmethod
-    def of(cls, arr: zarr.Array, storage: Storage | None, key: str) -> "_ShardedArray | None":
+    def of(cls, arr: zarr.Array) -> "_ShardedArray | None":
         codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or storage is None \
-                or not storage.streams_objects:
-            return None
+        store = arr.store_path.store
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore):
+            return None  # on an object store zarr writes each shard in one PUT
+        storage, key = LocalStorage(store.root), arr.path
         sc = codecs[0]
         inner, index = tuple(sc.codecs), tuple(sc.index_codecs)
         if (sc.index_location != ShardingCodecIndexLocation.end or len(inner) != 2
@@ -136,20 +138,17 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: in
         yield pending.popleft().result()
 
 
-def write_whole_shards(arr: zarr.Array, lead: tuple[int, ...], data: np.ndarray, threads: int | None = None,
-                       storage: Storage | None = None, key: str = "") -> int:
+def write_whole_shards(arr: zarr.Array, lead: tuple[int, ...], data: np.ndarray, threads: int | None = None) -> int:
     """``arr[lead] = data`` for a sharded array, as whole shards; returns the number of shard objects written.
-    ``storage`` and ``key``: where the array is (the output's :class:`tasks.storage.Storage`, the array's key).
 
     ``lead`` indexes the leading axes whose shard extent is 1 (here the channel), ``data`` is everything below
     them, in ``arr.dtype``. Every shard that ``data`` touches is rebuilt from ``data`` alone (nothing is read):
     its inner chunks inside the array are encoded (a partial edge chunk padded with the fill value, as zarr
     does), inner chunks wholly outside the array are absent. Each shard goes to a temporary file beside it and
     replaces it in one ``os.replace``; temporary files a crashed writer left for these shards are removed.
-    Arrays this writer does not know (not sharded, a storage that does not stream objects, other codecs) are
-    written by zarr.
+    Arrays this writer does not know (not sharded, not on a filesystem, other codecs) are written by zarr.
     """
-    info = _ShardedArray.of(arr, storage, key)
+    info = _ShardedArray.of(arr)
     nl = len(lead)
     if info is None or any(s != 1 for s in info.shard[:nl]) or data.shape != tuple(arr.shape[nl:]):
         arr[lead] = data
@@ -182,7 +181,8 @@ def write_whole_shards(arr: zarr.Array, lead: tuple[int, ...], data: np.ndarray,
         for s in shards:
             index = np.full((*per_shard, 2), _ABSENT, dtype="<u8")
             offset = 0
-            with info.storage.writer(f"{info.key}/{info.encode_key((*lead, *s))}") as fh:
+            name = info.encode_key((*lead, *s))
+            with info.storage.writer(f"{info.key}/{name}" if info.key else name) as fh:
                 for c in chunks_of(s):
                     b = next(encoded)
                     fh.write(b)

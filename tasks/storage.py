@@ -105,8 +105,6 @@ class Storage:
         """A filesystem path for ``key`` where the store has one (run logs are written there as they grow)."""
         return None
 
-    streams_objects: bool = False  # offers :meth:`writer`
-
     def writer(self, key: str) -> Any:
         """A context manager giving a binary file to write one object in pieces; the object appears whole when
         the block ends without error, and not at all otherwise (a stream version of :meth:`write_atomic`)."""
@@ -128,8 +126,6 @@ class LocalStorage(Storage):
 
     def zarr_store(self, key: str = "", read_only: bool = False) -> str:
         return str(self._path(key))
-
-    streams_objects = True
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Any:
