@@ -72,7 +72,8 @@ def _execute(request, show_progress: bool, verbose: bool, temporary_api: Any = "
 def _run(verbose: bool = False, progress: bool = True, **values: Any) -> None:
     summary = _execute(_request(values), show_progress=progress, verbose=verbose)
     typer.echo(
-        f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
+        f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete "
+        f"({summary.get('pairs', 0)} (position, channel) pair(s) computed); "
         f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
     )
     from flows.reports import lost_line

@@ -51,6 +51,7 @@ def test_gaussian_through_dogflow_run_is_exact_and_not_resumed_as_a_dog(tmp_path
     res = run_cli("run", inp, out, "--filter", "gaussian", "--sigma", "1,2.5,2.5", "--channels", "0,1",
                   "--retry-delay", "0")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 position(s) filtered, 0 already complete (4 (position, channel) pair(s) computed)" in res.stdout
     src = open_dataset(inp)
     o = Output(out)
     for p in range(2):
