@@ -31,8 +31,9 @@ PGDB_="${DOGFLOW_PG_DB:-prefect}"
 TIMEOUT="${DOGFLOW_PG_TIMEOUT:-60}"
 PACKAGES=(postgresql-15 postgresql-client-15)
 
-log() { printf '[postgres.sh] %s\n' "$*" >&2; }
-die() { printf '[postgres.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=postgres.sh
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 bindir() {
     local d
@@ -44,20 +45,6 @@ bindir() {
 
 as_postgres() { su -s /bin/bash postgres -c "$*"; }
 
-ensure_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
-            missing+=("$p")
-        fi
-    done
-    ((${#missing[@]} == 0)) && return 0
-    command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed"
-    apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
-}
 
 # Accepting connections? (pg_isready asks the server itself: an exited postmaster that stays <defunct>
 # under this machine's init still passes `kill -0`, so its pid file cannot tell.)

@@ -27,8 +27,9 @@ PACKAGES=(gridengine-master gridengine-exec gridengine-client)
 # an alias of localhost, so SGE knows it as `localhost` only.
 HOST=localhost
 
-log() { printf '[sge.sh] %s\n' "$*" >&2; }
-die() { printf '[sge.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=sge.sh
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 # A pid file's process is alive: exists and is not a zombie (exited daemons stay <defunct> under
 # this machine's init, and `kill -0` still succeeds on them).
@@ -65,25 +66,12 @@ wait_for() {  # wait_for WHAT CMD...: poll CMD until it succeeds or TIMEOUT
 }
 
 # ---------------------------------------------------------------- install
-ensure_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
-            missing+=("$p")
-        fi
-    done
-    ((${#missing[@]} == 0)) && return 0
-    command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
-    log "installing: ${missing[*]}"
+preseed() {
     # Debian's questions, answered: configure a cell "default" with this host as master.
     printf '%s\n' \
         "gridengine-common shared/gridengineconfig boolean true" \
         "gridengine-common shared/gridenginecell string $SGE_CELL" \
         "gridengine-common shared/gridenginemaster string $(hostname)" | debconf-set-selections
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed"
-    # the packages' init scripts may not start the daemons here (policy-rc.d); this script starts them
-    apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 }
 
 ensure_cell() {

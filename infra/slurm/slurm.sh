@@ -24,8 +24,10 @@ ETC_CONF=/etc/slurm/slurm.conf
 PACKAGES=(slurmctld slurmd slurm-client munge)
 MUNGE_KEY=/etc/munge/munge.key
 
-log() { printf '[slurm.sh] %s\n' "$*" >&2; }
-die() { printf '[slurm.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=slurm.sh
+APT_OPTS=(--no-install-recommends)
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 node_name() { hostname -s 2>/dev/null || uname -n | cut -d. -f1; }
 
@@ -66,21 +68,6 @@ node_ready() {
 munge_ok() { timeout 10 munge -n 2>/dev/null | timeout 10 unmunge >/dev/null 2>&1; }
 
 # ---------------------------------------------------------------- install
-ensure_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
-            missing+=("$p")
-        fi
-    done
-    ((${#missing[@]} == 0)) && return 0
-    command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-        die "apt-get install ${missing[*]} failed"
-}
 
 # ---------------------------------------------------------------- munge
 ensure_munge() {
