@@ -101,7 +101,7 @@ def test_storage_primitives_are_conditional(s3_server):
 def test_lock_on_s3_refuses_a_second_run_and_one_taker_wins_a_stale_lock(s3_server):
     out = "s3://data/locked.zarr"
     first = RunLock(out, run_id="a", run_name="first-run").acquire()
-    with pytest.raises(RunLockedError, match=r"run first-run \(pid"):
+    with pytest.raises(RunLockedError, match=r"flow run .first-run. \(a\) on host "):
         RunLock(out, run_id="b").acquire()
     first.release()
     assert not S3Storage(out).exists(LOCK_KEY)
