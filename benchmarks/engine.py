@@ -242,13 +242,15 @@ def main():
     dog.difference_of_gaussians(make_volume((8, 40, 40)), S_SMALL, S_LARGE, threads=n)  # imports, pools
     rows = [shape_row(s, n, args.repeat) for s in shapes]
     print()
-    print(f"| shape | scipy 1T CPU | reference 1T CPU (x scipy) | engine 1T CPU | vs reference | vs scipy | FFT backend | "
+    print(f"| shape | scipy 1T CPU | reference 1T CPU (x scipy) | engine 1T CPU | vs reference | vs scipy | "
+          f"FFT backend | "
           f"per backend vs reference | engine {n}T wall | speed-up {n}T | {n} procs speed-up | efficiency | "
           f"first / warm | nanny env CPU (plain) | max err (tol) | float64 rel err | peak (bound) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = ", ".join(f"{b} {x:.2f}x" for b, x in r["per_backend"].items())
-        print(f"| {r['shape']} | {r['scipy_cpu']:.1f} s | {r['cr']:.3f} s ({r['ratio_ref_cpu']:.1f}x) | {r['c1']:.3f} s | "
+        print(f"| {r['shape']} | {r['scipy_cpu']:.1f} s | {r['cr']:.3f} s ({r['ratio_ref_cpu']:.1f}x) | "
+              f"{r['c1']:.3f} s | "
               f"**{r['ratio_ref']:.2f}x** | {r['ratio_cpu']:.1f}x | {r['backend']} | {per} | {r['wn']:.3f} s | "
               f"{r['sp_eng']:.2f} | {r['sp_proc']:.2f} | {r['eff']:.2f} | {r['first']:.3f} / {r['warm']:.3f} s "
               f"({r['first'] / r['warm']:.2f}; CPU {r['first_cpu'] / r['warm_cpu']:.2f}) | "

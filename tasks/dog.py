@@ -1,4 +1,4 @@
-"""Exact 3-D Difference-of-Gaussians engine (pure numpy/scipy).
+"""Exact 3-D Difference-of-Gaussians engine (numpy/scipy, compiled block loops, measured FFT backends).
 
 The result equals, to float32 round-off, what ``scipy.ndimage.gaussian_filter``
 computes in float64::
@@ -16,8 +16,9 @@ per sigma by a cost model, :class:`_Plan`):
 * ``"fft"`` (modes ``nearest``, ``constant``, ``wrap``): lines are packed in
   pairs into one complex line (``x1 + i x2``; neighbouring lines when the
   pass's lines are strided, so that packing and unpacking are contiguous
-  casts), zero-padded to ``M`` samples (the smallest 5-smooth length that
-  suffices), transformed in place with ``scipy.fft.fft(overwrite_x=True)``,
+  casts), zero-padded to ``M`` samples (a 5-smooth length that suffices),
+  transformed in place (:mod:`tasks.fft`: the length and the library,
+  pocketfft, FFTW or MKL, that measured fastest on this host),
   multiplied by the real transfer function ``H = FFT(h)`` of scipy's kernel
   placed circularly (``h`` is symmetric, so ``H`` is real and the real and
   imaginary lines never mix), and transformed back in place.  For
@@ -54,9 +55,10 @@ reused, so the hot loop allocates nothing large (important where
 ``MALLOC_TRIM_THRESHOLD_`` makes every large temporary a fresh mmap).
 
 Threads: ``threads`` worker threads take blocks of lines from a shared
-counter (none for ``threads=1``); every transform runs with
-``workers=1``.  No BLAS, no process-wide state.  numpy and scipy.fft
-release the GIL; each block is ~20 numpy calls for a few ms of work.
+counter (none for ``threads=1``); every transform runs on its calling
+thread (pocketfft ``workers=1``, FFTW plans ``threads=1``, MKL's
+sequential layer).  No BLAS.  A transform block is five GIL-free compiled
+calls (:mod:`tasks._kernels`: load, forward, spectra, inverse, store).
 """
 from __future__ import annotations
 

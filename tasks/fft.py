@@ -8,8 +8,9 @@ backend computes exactly that transform (to its own float round-off), on one thr
 
 * ``pocketfft`` (``scipy.fft``, always there): ``workers=1``, ``overwrite_x=True`` (the result is the buffer).
 * ``fftw`` (``pyfftw``, where installed): plans made once per buffer, length and direction with
-  ``FFTW_MEASURE`` (at most :data:`PLAN_SECONDS` of measuring per plan), ``threads=1``. Plans are measured into FFTW's *wisdom*, which is kept on disk per host
-  (:func:`cache_dir`), so a new process plans from wisdom instead of measuring again.
+  ``FFTW_MEASURE`` (at most :data:`PLAN_SECONDS` of measuring per plan), ``threads=1``. Plans are
+  measured into FFTW's *wisdom*, which is kept on disk per host (:func:`cache_dir`), so a new process
+  plans from wisdom instead of measuring again.
 * ``mkl`` (``mkl_fft``, where installed): MKL's sequential threading layer is selected before its first use,
   so that an MKL call runs on the engine thread that made it, whatever ``MKL_NUM_THREADS`` or
   ``OMP_NUM_THREADS`` say.
