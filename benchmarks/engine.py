@@ -4,7 +4,10 @@
 
 Per shape (seed sigmas 50/2.35 and 200/2.35, mode 'nearest', uint16 input, float32 result):
   * scipy      : single-thread scipy.ndimage.gaussian_filter DoG in float64 (also the exactness reference)
-  * engine     : threads=1 and threads=N, interleaved, best of R (wall and process CPU time)
+  * reference  : benchmarks/reference_engine.py, the engine before issue 20 (compiled loops, FFT backends),
+                 threads=1: the "vs reference" column is its CPU time over this engine's
+  * engine     : threads=1 (its own FFT pick, and each installed backend forced) and threads=N,
+                 interleaved with the reference, best of R (wall and process CPU time)
   * N procs    : N independent processes, each running the engine with threads=1 at the same time;
                  speed-up = N * (one process alone) / (each process while N run), best of R
   * efficiency : (engine speed-up with N threads) / (N-process speed-up)
@@ -13,8 +16,9 @@ Per shape (seed sigmas 50/2.35 and 200/2.35, mode 'nearest', uint16 input, float
                  (MALLOC_TRIM_THRESHOLD_=65536, OMP/MKL/OPENBLAS_NUM_THREADS=1) vs without (CPU time)
   * peak       : VmHWM growth in a fresh process (input + engine), multiple of the float32 volume,
                  next to tasks.dog.peak_memory_bytes
---quick: only (112, 288, 320).  --full adds the full position (413, 2048, 2048) with N threads
-(time and peak; needs ~15 GB and a few minutes).  Wall-clock figures depend on the machine's
+--quick: only (112, 288, 320).  --full adds the full position (413, 2048, 2048) with N threads, the
+reference and this engine alternating in fresh processes, --full-rounds times (time and peak; ~15 GB each,
+one at a time, many minutes).  Wall-clock figures depend on the machine's
 other load; the CPU-time ratios much less.
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 S_SMALL, S_LARGE = 50 / 2.35, 200 / 2.35
 SHAPES_QUICK = [(112, 288, 320)]
@@ -79,22 +84,40 @@ def reset_peak():
 
 # --------------------------------------------------------------------------- child processes
 
+def engine_call(engine=None, fft=None):
+    """(difference_of_gaussians, backend name) of ``engine``: None = tasks.dog (FFT backend ``fft``, or its
+    own measured pick), "reference" = benchmarks/reference_engine.py (the engine before issue 20)."""
+    if engine == "reference":
+        import reference_engine
+        return reference_engine.difference_of_gaussians, lambda: "pocketfft (reference)"
+    from tasks import dog
+    if fft is None:
+        return dog.difference_of_gaussians, dog.fft_backend
+
+    def call(*a, **kw):
+        with dog.tuned(fft=fft):
+            return dog.difference_of_gaussians(*a, **kw)
+    return call, dog.fft_backend
+
+
 def child(spec):
     """Runs in a fresh process; prints one JSON line."""
     from tasks import dog
     shape, threads, repeat = tuple(spec["shape"]), spec["threads"], spec.get("repeat", 1)
+    call, backend = engine_call(spec.get("engine"), spec.get("fft"))
     base = reset_peak()
     v = make_volume(shape)
     res = {"walls": [], "cpus": []}
     if spec.get("start_at"):
         time.sleep(max(0.0, spec["start_at"] - time.time()))
     for _ in range(repeat):
-        out, w, c = clocked(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=threads)
+        out, w, c = clocked(call, v, S_SMALL, S_LARGE, threads=threads)
         del out
         res["walls"].append(w)
         res["cpus"].append(c)
     res["peak"] = _status("VmHWM") - base
-    res["bound"] = dog.peak_memory_bytes(shape, v.dtype)
+    res["bound"] = dog.peak_memory_bytes(shape, v.dtype, threads=threads)
+    res["backend"] = backend()
     print(json.dumps(res), flush=True)
 
 
@@ -131,21 +154,30 @@ def n_process_speedup(shape, n, repeat):
 # --------------------------------------------------------------------------- rows
 
 def shape_row(shape, threads, repeat):
-    from tasks import dog
+    from tasks import dog, fft
     v = make_volume(shape)
     ref, t_sp, c_sp = clocked(scipy_dog, v)
     print(f"{shape}: scipy 1 thread {t_sp:.1f} s wall, {c_sp:.1f} s CPU", flush=True)
     # first call on this shape in a fresh process, then warm
     fw = collect(spawn({"shape": shape, "threads": 1, "repeat": 2}))
-    best = {1: [np.inf, np.inf], threads: [np.inf, np.inf]}     # best wall, best CPU
-    err = None
-    for _ in range(repeat):                              # interleaved: both see the same load
-        for th in (1, threads):
-            e, w, c = clocked(dog.difference_of_gaussians, v, S_SMALL, S_LARGE, threads=th)
-            if err is None:
-                err = float(np.max(np.abs(e - ref)))
+    # threads=1: the reference engine, this engine (its own pick) and this engine per forced backend,
+    # then this engine with N threads; interleaved, so that all see the same load
+    variants = [("reference", 1, "reference", None), ("engine", 1, None, None)]
+    variants += [(f"engine[{b}]", 1, None, b) for b in fft.available()]
+    variants += [("engine NT", threads, None, None)]
+    calls = {name: engine_call(eng, be) for name, _, eng, be in variants}
+    best = {name: [np.inf, np.inf] for name, *_ in variants}     # best wall, best CPU
+    err, backend = {}, None
+    for _ in range(repeat):
+        for name, th, _, _ in variants:
+            call, used = calls[name]
+            e, w, c = clocked(call, v, S_SMALL, S_LARGE, threads=th)
+            if name not in err:
+                err[name] = float(np.max(np.abs(e - ref)))
+            if name == "engine":
+                backend = used()
             del e
-            best[th] = [min(best[th][0], w), min(best[th][1], c)]
+            best[name] = [min(best[name][0], w), min(best[name][1], c)]
     e64 = dog.difference_of_gaussians(v, S_SMALL, S_LARGE, threads=threads, precision="float64")
     err64 = float(np.max(np.abs(e64 - ref)) / np.max(np.abs(v)))
     del e64, ref
@@ -153,27 +185,41 @@ def shape_row(shape, threads, repeat):
     nanny = [collect(spawn({"shape": shape, "threads": 1, "repeat": repeat}, env=env))
              for env in (None, NANNY_ENV)]
     mem = collect(spawn({"shape": shape, "threads": threads, "repeat": 1}))
-    (w1, c1), (wn, cn) = best[1], best[threads]
+    (wr, cr), (w1, c1), (wn, cn) = best["reference"], best["engine"], best["engine NT"]
     sp_eng = w1 / wn
-    row = dict(shape=shape, scipy_wall=t_sp, scipy_cpu=c_sp, w1=w1, c1=c1, wn=wn, cn=cn,
-               ratio1=t_sp / w1, ratio_cpu=c_sp / c1, ration=t_sp / wn, sp_eng=sp_eng,
-               p1=p1, pn=pn, sp_proc=sp_proc, eff=sp_eng / sp_proc,
+    row = dict(shape=shape, scipy_wall=t_sp, scipy_cpu=c_sp, wr=wr, cr=cr, w1=w1, c1=c1, wn=wn, cn=cn,
+               backend=backend, ratio_ref=cr / c1, ratio_cpu=c_sp / c1, ratio_ref_cpu=c_sp / cr,
+               per_backend={b: cr / best[f"engine[{b}]"][1] for b in fft.available()},
+               ration=t_sp / wn, sp_eng=sp_eng, p1=p1, pn=pn, sp_proc=sp_proc, eff=sp_eng / sp_proc,
                first=fw["walls"][0], warm=fw["walls"][1], first_cpu=fw["cpus"][0], warm_cpu=fw["cpus"][1],
                plain_cpu=min(nanny[0]["cpus"]), nanny_cpu=min(nanny[1]["cpus"]),
-               err=err, tol=1e-3 + 1e-6 * float(v.max()), err64=err64,
-               peak=mem["peak"] / (np.prod(shape) * 4), bound=mem["bound"] / (np.prod(shape) * 4))
-    print(f"  engine 1T {w1:.3f} s ({c1:.3f} s CPU, {row['ratio_cpu']:.1f}x by CPU), {threads}T {wn:.3f} s "
+               err=max(x for k, x in err.items() if k != "reference"), tol=1e-3 + 1e-6 * float(v.max()),
+               err64=err64, peak=mem["peak"] / (np.prod(shape) * 4), bound=mem["bound"] / (np.prod(shape) * 4))
+    print(f"  reference 1T {cr:.3f} s CPU ({row['ratio_ref_cpu']:.1f}x scipy); engine 1T {w1:.3f} s ({c1:.3f} s CPU: "
+          f"{row['ratio_ref']:.2f}x the reference, {row['ratio_cpu']:.1f}x scipy, FFT {backend}); per backend vs "
+          f"reference: {', '.join(f'{b} {x:.2f}x' for b, x in row['per_backend'].items())}; {threads}T {wn:.3f} s "
           f"({cn:.3f} s CPU): speed-up {sp_eng:.2f}; {threads} procs {sp_proc:.2f} -> efficiency "
           f"{row['eff']:.2f}; first {row['first']:.3f} s / warm {row['warm']:.3f} s; nanny CPU "
           f"{row['nanny_cpu']:.3f} vs {row['plain_cpu']:.3f} s; peak {row['peak']:.2f}x", flush=True)
     return row
 
 
-def full_row(threads):
+def full_rows(threads, rounds):
+    """The full position in fresh processes, the reference engine and this engine (its own pick, then
+    pocketfft forced) alternating, ``rounds`` times: best wall and CPU of each."""
     shape = FULL
-    r = collect(spawn({"shape": shape, "threads": threads, "repeat": 1}))
     vol32 = np.prod(shape) * 4
-    return dict(shape=shape, wall=r["walls"][0], cpu=r["cpus"][0], peak=r["peak"] / vol32, bound=r["bound"] / vol32)
+    out = {}
+    for _ in range(rounds):
+        for name, eng, be in (("reference", "reference", None), ("engine", None, None),
+                              ("engine[pocketfft]", None, "pocketfft")):
+            r = collect(spawn({"shape": shape, "threads": threads, "repeat": 1, "engine": eng, "fft": be}))
+            print(f"  full {name}: {r['walls'][0]:.1f} s wall, {r['cpus'][0]:.1f} s CPU, peak "
+                  f"{r['peak'] / vol32:.2f}x ({r['backend']})", flush=True)
+            o = out.setdefault(name, dict(wall=np.inf, cpu=np.inf, peak=0.0, bound=r["bound"] / vol32))
+            o.update(wall=min(o["wall"], r["walls"][0]), cpu=min(o["cpu"], r["cpus"][0]),
+                     peak=max(o["peak"], r["peak"] / vol32), backend=r["backend"])
+    return out
 
 
 def main():
@@ -182,6 +228,7 @@ def main():
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--full-rounds", type=int, default=2)
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -195,20 +242,27 @@ def main():
     dog.difference_of_gaussians(make_volume((8, 40, 40)), S_SMALL, S_LARGE, threads=n)  # imports, pools
     rows = [shape_row(s, n, args.repeat) for s in shapes]
     print()
-    print(f"| shape | scipy 1T (wall / CPU) | engine 1T (best wall) | CPU-time ratio (best CPU) | engine {n}T | speed-up {n}T | "
-          f"{n} procs speed-up | efficiency | first / warm | nanny env CPU (plain) | max err (tol) | "
-          f"float64 rel err | peak (bound) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| shape | scipy 1T CPU | reference 1T CPU (x scipy) | engine 1T CPU | vs reference | vs scipy | FFT backend | "
+          f"per backend vs reference | engine {n}T wall | speed-up {n}T | {n} procs speed-up | efficiency | "
+          f"first / warm | nanny env CPU (plain) | max err (tol) | float64 rel err | peak (bound) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['scipy_wall']:.1f} / {r['scipy_cpu']:.1f} s | {r['w1']:.3f} s = {r['ratio1']:.1f}x | "
-              f"{r['ratio_cpu']:.1f}x | {r['wn']:.3f} s = {r['ration']:.1f}x | {r['sp_eng']:.2f} | "
-              f"{r['sp_proc']:.2f} | {r['eff']:.2f} | {r['first']:.3f} / {r['warm']:.3f} s "
-              f"({r['first'] / r['warm']:.2f}; CPU {r['first_cpu'] / r['warm_cpu']:.2f}) | {r['nanny_cpu']:.3f} ({r['plain_cpu']:.3f}) s | "
-              f"{r['err']:.2e} ({r['tol']:.2e}) | {r['err64']:.1e} | {r['peak']:.2f}x ({r['bound']:.2f}x) |")
+        per = ", ".join(f"{b} {x:.2f}x" for b, x in r["per_backend"].items())
+        print(f"| {r['shape']} | {r['scipy_cpu']:.1f} s | {r['cr']:.3f} s ({r['ratio_ref_cpu']:.1f}x) | {r['c1']:.3f} s | "
+              f"**{r['ratio_ref']:.2f}x** | {r['ratio_cpu']:.1f}x | {r['backend']} | {per} | {r['wn']:.3f} s | "
+              f"{r['sp_eng']:.2f} | {r['sp_proc']:.2f} | {r['eff']:.2f} | {r['first']:.3f} / {r['warm']:.3f} s "
+              f"({r['first'] / r['warm']:.2f}; CPU {r['first_cpu'] / r['warm_cpu']:.2f}) | "
+              f"{r['nanny_cpu']:.3f} ({r['plain_cpu']:.3f}) s | {r['err']:.2e} ({r['tol']:.2e}) | {r['err64']:.1e} | "
+              f"{r['peak']:.2f}x ({r['bound']:.2f}x) |")
     if args.full:
-        f = full_row(n)
-        print(f"\nfull position {f['shape']}, {n} threads: {f['wall']:.1f} s wall, {f['cpu']:.1f} s CPU, "
-              f"peak {f['peak']:.2f}x the float32 volume (bound {f['bound']:.2f}x)")
+        full = full_rows(n, args.full_rounds)
+        ref = full["reference"]
+        print(f"\nfull position {FULL}, {n} threads, best of {args.full_rounds} (fresh processes, alternating):")
+        print("| engine | wall | CPU | wall vs reference | CPU vs reference | peak (bound) | FFT backend |")
+        print("|---|---|---|---|---|---|---|")
+        for name, f in full.items():
+            print(f"| {name} | {f['wall']:.1f} s | {f['cpu']:.1f} s | {f['wall'] / ref['wall']:.2f} | "
+                  f"{ref['cpu'] / f['cpu']:.2f}x | {f['peak']:.2f}x ({f['bound']:.2f}x) | {f['backend']} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Ratios: scipy "
           "single-thread / engine (wall), CPU-time ratio: process CPU seconds (less sensitive to other "
           "load). Efficiency = (engine 1T wall / engine NT wall) / (N-process throughput speed-up).")

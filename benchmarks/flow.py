@@ -41,12 +41,12 @@ from benchmarks.engine import NANNY_ENV  # noqa: E402
 def make_dataset(path: Path, positions: int, shape: tuple[int, int, int]) -> None:
     import zarr
 
-    from flows.sample import random_volume
+    import numpy as np
 
     chunks = (1, 1, min(shape[0], 64), min(shape[1], 256), min(shape[2], 256))
     arr = zarr.create_array(str(path), shape=(positions, 1, *shape), chunks=chunks, dtype="uint16", overwrite=True)
     for p in range(positions):
-        arr[p, 0] = random_volume(shape, "uint16", p, 100, 4000)
+        arr[p, 0] = np.random.default_rng(p).integers(100, 4000, size=shape, dtype=np.uint16)
 
 
 def _child(kind: str, inp: str, threads: int, out: str) -> None:
@@ -85,10 +85,10 @@ def plain(kind: str, inp: Path, threads: int, env: dict | None = None, side_by_s
         for out in outs:
             if kind == "plain":
                 from flows.request import RunRequest
-                from tasks import store
+                from tasks.output import Output
 
                 spec = RunRequest(str(inp), str(out)).validate()
-                store.prepare_output(out, spec.output, channels=spec.channels)
+                Output(out).prepare(spec.output, channels=spec.channels)
             cmd = [sys.executable, __file__, "--child", kind, str(inp), str(threads), str(out)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}))
         rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -135,7 +135,7 @@ class CpuWatch(threading.Thread):
 
 
 def flow_run(inp: Path, out: Path, positions: str, cluster: str) -> dict:
-    from tasks import store
+    from tasks.output import Output
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     t = time.time()
@@ -149,7 +149,8 @@ def flow_run(inp: Path, out: Path, positions: str, cluster: str) -> dict:
     watch.join()
     if proc.returncode != 0:
         raise SystemExit(f"dogflow run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    markers = [store.read_marker(out, p, c) for p, c in store.marked(out)]
+    marks = Output(out).markers
+    markers = [marks.read(p, c) for p, c in marks.marked()]
     fresh = [m for m in markers if m["finished"] >= t]
     row = {"wall": wall, "tasks": len(fresh), "stdout": stdout.strip(), "stderr_lines": len(stderr.splitlines())}
     if stderr.strip():

@@ -148,7 +148,7 @@ def _validate(params: dict[str, Any], dataset: dict[str, str]) -> None:
         flow_log.setLevel(level)
     # a string passes the type check of σ, channels and voxel size: parse them as the flow will
     from flows.request import ParameterError, parse_channels
-    from flows.units import UnitError, parse_lengths, parse_voxel_size
+    from tasks.units import UnitError, parse_lengths, parse_voxel_size
 
     checks: dict[str, Any] = {name: parse_lengths for name in ("sigma_small", "sigma_large") if params.get(name)}
     if params.get("voxel_size"):

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import typer
 
-from flows import params, units
+from flows import params
+from tasks import units
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact 3-D Difference-of-Gaussians over 5-D microscopy Zarr datasets (Prefect + Dask).")
@@ -74,6 +75,10 @@ def _run(verbose: bool = False, progress: bool = True, **values: Any) -> None:
         f"dogflow: {summary['processed']} position(s) filtered, {summary['skipped']} already complete; "
         f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
     )
+    from flows.reports import lost_line
+
+    for job in summary.get("lost_workers", []):
+        typer.echo(f"dogflow: worker job {lost_line(job)} was lost during the run and replaced")
 
 
 _run.__signature__ = params.cli_signature("run", [  # type: ignore[attr-defined]
@@ -131,14 +136,21 @@ def _plan(**values: Any) -> None:
     if spec.notice:
         typer.echo(spec.notice)
     p = spec.params
-    typer.echo(f"filter: sigma_small {units.format_lengths(p.sigma_small)}, sigma_large "
-               f"{units.format_lengths(p.sigma_large)} voxels, truncate {p.truncate:g}, mode {p.mode}, "
+    f = p.filter
+    sigmas = ", ".join(f"{n} {units.format_lengths(getattr(f, n))}" for n in f.sigmas)
+    typer.echo(f"filter: {p.kind}, {sigmas} voxels, truncate {f.truncate:g}, mode {f.mode}, "
                f"output {p.output_dtype}; channels {','.join(map(str, spec.channels))}")
     line = f"positions: {len(spec.positions)}"
     if pending is not None:
         line += f" ({len(pending)} to filter, {len(spec.positions) - len(pending)} complete and unchanged)"
     typer.echo(line)
     for line in spec.profile.plan_lines():
+        typer.echo(line)
+    from tasks import pyramid, sharding
+
+    footprint = sharding.footprint(pyramid.level_shapes(tuple(zyx)), pyramid.chunk_shape, spec.params.output_dtype,
+                                   len(spec.positions), len(spec.channels))
+    for line in footprint.lines():
         typer.echo(line)
 
 
@@ -151,18 +163,21 @@ app.command("plan")(_plan)
 @app.command()
 def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
     """List which (position, channel) of OUTPUT are complete, missing or stale, and the parameters behind them."""
-    from tasks import store
+    from tasks.output import Output
+    from tasks.storage import StoreError
 
     try:
-        st = store.status(output_path)
-    except store.StoreError as exc:
+        st = Output(output_path).status()
+    except StoreError as exc:
         _fail(str(exc))
     prov = st.provenance
     typer.echo(f"output: {output_path}  (P, C, Z, Y, X) {tuple(prov['shape'])}  levels {len(prov['levels'])}  "
                f"dogflow {prov.get('version')}, layout {prov['layout_version']}")
+    typer.echo(f"  filter: {st.params.kind} ({st.params.filter.describe()} voxels)")
     for k, v in st.params.as_dict().items():
-        typer.echo(f"  {k}: {_sigma_words(v) if k.startswith('sigma') else v}")
-    for k in ("sigma_small_um", "sigma_large_um"):
+        if k != "filter":
+            typer.echo(f"  {k}: {_sigma_words(v) if k.startswith('sigma') else v}")
+    for k in ("sigma_small_um", "sigma_large_um", "sigma_um"):
         if k in prov["params"]:
             typer.echo(f"  {k}: {_sigma_words(prov['params'][k], 'um')}")
     vs = prov.get("voxel_size")
@@ -171,12 +186,11 @@ def status(output_path: str = typer.Argument(..., metavar="OUTPUT")) -> None:
         typer.echo(f"  (input unavailable: {st.input_problem}; staleness not checked)")
     typer.echo("position  channel  state")
     for r in st.rows:
-        state = f"{r.state} ({r.reason})" if r.reason else r.state
+        state = f"{r.state} ({r.reason})" if r.reason else str(r.state)
         m = r.marker
         line = f"{r.position:8d}  {r.channel:7d}  {state:<24s}"
         if m:
-            line += (f"  σ {_sigma_words(m['params']['sigma_small'])} / {_sigma_words(m['params']['sigma_large'])}  "
-                     f"{m.get('seconds', 0):.1f}s on "
+            line += (f"  {st.params.filter.describe()}  {m.get('seconds', 0):.1f}s on "
                      f"{m.get('host')}" + (f" job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""))
         typer.echo(line.rstrip())
     c = st.counts()

@@ -4,7 +4,7 @@ The mapping runs in a child flow, ``dog-filter-positions``, whose task runner is
 built from the run's cluster profile; validation and planning run in the parent before any cluster (or
 SLURM job) exists. The rooms this flow delegates to: :mod:`flows.params` (its parameters),
 :mod:`flows.request` (validation), :mod:`flows.run` (what a CLI entry point prepared for it),
-:mod:`tasks.store` (layout, markers, lock), :mod:`flows.outcomes` (what Dask did with each task),
+:mod:`tasks.output` (layout, markers, lock), :mod:`flows.outcomes` (what Dask did with each task),
 :mod:`flows.reports` (artifacts, progress) and :mod:`flows.runlog` (the run's log file).
 """
 
@@ -18,10 +18,13 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows import outcomes, params, reports, run, runlog
+from flows import collisions, outcomes, params, reports, run, runlog
 from flows.request import ParameterError, RunRequest, RunSpec
-from tasks import defaults, store
-from tasks.position import filter_position
+from tasks import defaults
+from tasks.lock import RunLockedError
+from tasks.markers import MarkerState
+from tasks.output import Output
+from tasks.position import PositionResult, position_task
 
 
 class RunFailed(RuntimeError):
@@ -37,13 +40,22 @@ def _dog_filter(*args: Any, **kwargs: Any) -> dict[str, Any]:
     spec = prepared.spec if prepared is not None else _validate(request, logger)
     if spec.notice:
         logger.info("%s", spec.notice)
-    lock = contextlib.nullcontext() if prepared is not None else store.RunLock(
-        spec.output_path, run_id=str(flow_run.get_id() or ""))
+    if prepared is not None:
+        lock = contextlib.nullcontext()  # the entry point holds it
+    else:
+        lock = Output(spec.output_path).lock(run_id=str(flow_run.get_id() or ""), run_name=flow_run.get_name() or "")
+        try:
+            lock.acquire()
+        except RunLockedError:  # a live run writes this output: fail, or end Completed (nightly; flows.collisions)
+            state = collisions.completed_when_locked(spec.output_path, logger)
+            if state is None:
+                raise
+            return state
     with lock, runlog.capture(spec.output_path, flow_run.get_name()) as log_path:
         logger.info("run log: %s", log_path)
         pending, skipped = _plan(spec, logger)
-        rows = _map(spec, pending, skipped, prepared)
-        return _summarise(spec, skipped, rows, logger)
+        mapped = _map(spec, pending, skipped, prepared)
+        return _summarise(spec, skipped, mapped["rows"], logger, mapped["lost_workers"])
 
 
 # The flow's parameters are flows.params.PARAMS: the signature (what Prefect validates, and the UI form)
@@ -67,10 +79,13 @@ def filter_positions(
     allow_missing_chunks: bool = False,
     already_done: int = 0,
     channels: Optional[list[list[int]]] = None,
-) -> list[dict[str, Any]]:
-    """Map :func:`tasks.position.filter_position` over ``positions`` (with their ``channels``) on this flow's task runner."""
+) -> dict[str, Any]:
+    """Map the filter's position task (:mod:`tasks.position`) over ``positions`` (with their ``channels``) on this
+    flow's task runner; returns the positions' results (``rows``) and the worker jobs the cluster lost (and
+    replaced) meanwhile."""
     logger = get_run_logger()
-    task = filter_position.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    kind = str(params.get("filter", defaults.FILTER))
+    task = position_task(kind).with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(unmapped(input_path), unmapped(output_path), positions, unmapped(params), unmapped(threads),
                        unmapped(allow_missing_chunks), channels or [[0]] * len(positions))
     outcomes.log_dashboard(logger)  # the runner's Dask client exists once the first task is submitted
@@ -83,7 +98,7 @@ def filter_positions(
         # otherwise be recomputed, and the recomputation unmarks a complete position while it runs.
         fut.wrapped_future.release()
         progress.step()
-    return sorted(rows, key=lambda r: r["position"])
+    return {"rows": sorted(rows, key=lambda r: r.position), "lost_workers": outcomes.lost_workers(logger)}
 
 
 def _no_dataset(logger: logging.Logger):
@@ -91,7 +106,7 @@ def _no_dataset(logger: logging.Logger):
 
     msg = "no dataset configured: set input_path and output_path (see deployments/README.md)"
     logger.warning(msg)
-    return Completed(name="Skipped", message=msg)
+    return Completed(message=msg)  # Prefect's standard name: custom ones drop out of the UI's default filters
 
 
 def _validate(request: Any, logger: logging.Logger) -> RunSpec:
@@ -104,9 +119,9 @@ def _validate(request: Any, logger: logging.Logger) -> RunSpec:
 
 def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], int]:
     """Create or open the output (re-checked under the lock); the channels of each position that are not complete."""
-    store.prepare_output(spec.output_path, spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
+    Output(spec.output_path).prepare(spec.output, overwrite=spec.request.overwrite, channels=spec.channels)
     pending, rows = run.pending_work(spec)
-    stale = [r for r in rows if r.state == "stale"]
+    stale = [r for r in rows if r.state is MarkerState.STALE]
     skipped = len(spec.positions) - len(pending)
     logger.info(
         "%d position(s) selected of %d, channels %s: %d to filter (%d channel(s) stale), %d complete and unchanged; "
@@ -120,12 +135,12 @@ def _plan(spec: RunSpec, logger: logging.Logger) -> tuple[dict[int, list[int]], 
 
 
 def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int, prepared: Optional[run.Prepared]
-         ) -> list[dict[str, Any]]:
+         ) -> dict[str, Any]:
     """One task per pending position, on the profile's DaskTaskRunner (no cluster when nothing is pending):
     the entry point's early cluster when it prepared one, else the profile sized for the pending positions."""
     if not pending:
         reports.announce(skipped, len(spec.positions))
-        return []
+        return {"rows": [], "lost_workers": []}
     if prepared is not None:
         runner = prepared.task_runner(len(pending))
     else:
@@ -138,10 +153,11 @@ def _map(spec: RunSpec, pending: dict[int, list[int]], skipped: int, prepared: O
     )
 
 
-def _summarise(spec: RunSpec, skipped: int, rows: list[dict[str, Any]], logger: logging.Logger) -> dict[str, Any]:
-    summary = run.run_summary(spec, skipped, rows)
+def _summarise(spec: RunSpec, skipped: int, rows: list[PositionResult], logger: logging.Logger,
+               lost_workers: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = run.run_summary(spec, skipped, rows, lost_workers)
     failed = summary["failed"]
-    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows)
+    reports.publish_summary(spec.input_path, spec.output_path, skipped, rows, spec.params.kind, lost_workers)
     logger.info(
         "dog-filter summary: %d processed, %d skipped as complete and unchanged, %d failed%s; output %s",
         summary["processed"], skipped, len(failed), f" (positions {failed})" if failed else "", spec.output_path,

@@ -15,6 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from distributed import KilledWorker
+
+from tasks.position import TASK_RUN_NAME, PositionResult
+from tasks import errors
+
 
 def error_line(exc: Optional[BaseException]) -> str:
     if exc is None:
@@ -23,18 +28,19 @@ def error_line(exc: Optional[BaseException]) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def outcome(fut: Any, position: int, logger: logging.Logger) -> dict[str, Any]:
-    """The task's summary row, or a failure row whose error is one readable line."""
+def outcome(fut: Any, position: int, logger: logging.Logger) -> PositionResult:
+    """The task's result, or a failed one whose error is one readable line."""
     fut.wait()
     line = _dask_gave_up(fut, position)
     if line is None:
         if fut.state.is_completed():
-            return {**fut.result(), "status": "completed"}
+            return fut.result()
         err = fut.result(raise_on_failure=False)
-        line = error_line(err if isinstance(err, BaseException) else None)
+        exc = err if isinstance(err, BaseException) else None
+        line = errors.failure_line(exc, error_line(exc))  # names the cause of a permanent failure
     logger.error("position %d failed for good: %s", position, line)
     log_worker_logs(logger)
-    return {"position": position, "status": "failed", "error": line}
+    return PositionResult.failed(position, line)
 
 
 def _dask_gave_up(fut: Any, position: int) -> Optional[str]:
@@ -50,7 +56,7 @@ def _dask_gave_up(fut: Any, position: int) -> Optional[str]:
         exc = dask_future.exception(timeout=5) if dask_future.status == "error" else None
     except Exception as e:  # cancelled futures raise here
         exc = e
-    if type(exc).__name__ == "KilledWorker":
+    if isinstance(exc, KilledWorker):
         allowed = getattr(exc, "allowed_failures", None)
         if allowed is None:  # older distributed: the flow process's setting is the best guess
             import dask
@@ -84,7 +90,7 @@ def mark_failed(task_run_id: Any, position: int, line: str, flow_run_id: Any = N
 
     from tasks.position import filter_position
 
-    name = f"position-{position}"
+    name = TASK_RUN_NAME.format(position=position)
     with get_client(sync_client=True) as client:
         try:
             known_name = client.read_task_run(task_run_id).name
@@ -110,6 +116,16 @@ def dask_client() -> Any:
         return runner.client if runner is not None and hasattr(type(runner), "client") else None
     except Exception:
         return None
+
+
+def lost_workers(logger: logging.Logger) -> list[dict[str, Any]]:
+    """The worker jobs the run's cluster lost and replaced (:mod:`flows.clusters.keeper`), each logged once."""
+    from flows.clusters.keeper import LostJob, lost_jobs
+
+    lost = lost_jobs(dask_client())
+    for job in lost:
+        logger.warning("worker job %s was lost during the run and replaced", LostJob(**job).describe())
+    return lost
 
 
 def log_dashboard(logger: logging.Logger) -> None:

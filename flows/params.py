@@ -69,6 +69,12 @@ def _empty_as_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _filter_kinds() -> tuple[str, ...]:
+    from tasks.filters import FILTER_KINDS  # light: the engine is imported where a filter runs
+
+    return FILTER_KINDS
+
+
 def _profiles() -> tuple[str, ...]:
     # the shipped profiles are package data; read without importing flows.clusters (fast start)
     from importlib import resources
@@ -143,12 +149,12 @@ class Param:
 
     def seed_text(self) -> str:
         return {"sigma_small": "50/2.35 = 21.28 voxels", "sigma_large": "200/2.35 = 85.11 voxels",
-                "voxel_size": "the input's metadata"}.get(self.name, str(self.seed))
+                "voxel_size": "the input's metadata", "sigma": "required with filter gaussian"}.get(self.name, str(self.seed))
 
 
 def _fwhm_to_sigma(name: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
-        from flows import units
+        from tasks import units
 
         try:
             return as_text(units.fwhm_as_sigma(value, f"fwhm_{name}"))
@@ -165,6 +171,11 @@ PARAMS: tuple[Param, ...] = (
     Param("output_path", Kind.TEXT, REQUIRED, "OME-Zarr (NGFF 0.5) group to create or continue: position P at "
           "full resolution is the array P/0, shape (C, Z, Y, X); P/1, ... are its 2x-downsampled levels",
           "/scratch/run1-dog.ome.zarr", flags=(), metavar="OUTPUT"),
+    Param("filter", Kind.CHOICE, UNSET, "The filter: dog (Difference of Gaussians, sigma_small and sigma_large) "
+          "or gaussian (a blur, sigma); both exact to scipy's gaussian_filter in float64",
+          choices=lambda: _filter_kinds(), site=True, remembered=True, seed=defaults.FILTER),
+    Param("sigma", Kind.TEXT, UNSET, "Sigma of the gaussian filter: voxels (one number or z,y,x) or a length with "
+          "a unit, converted with the voxel size", "2.5 or 1,3,3 or 0.5um", site=True, remembered=True, seed=None),
     Param("channels", Kind.TEXT, UNSET, "Channels to filter: numbers or all", "0,2 or all", site=True,
           alias=Alias(("--channel", "-c"), "one channel to filter (the same as --channels N)", int,
                       site="DOGFLOW_CHANNEL"),
@@ -186,7 +197,8 @@ PARAMS: tuple[Param, ...] = (
           "4", site=True, remembered=True, seed=defaults.TRUNCATE),
     Param("mode", Kind.CHOICE, UNSET, "Edge mode, as in scipy.ndimage (nearest: edge replication)",
           choices=lambda: defaults.MODES, site=True, remembered=True, seed=defaults.MODE),
-    Param("output_dtype", Kind.CHOICE, UNSET, "float32, or uint16 (rounded half to even, clipped to 0..65535)",
+    Param("output_dtype", Kind.CHOICE, UNSET, "float32; float16 (half the bytes: 11-bit significand, clipped to "
+          "±65504); or uint16 (rounded half to even, clipped to 0..65535)",
           choices=lambda: defaults.OUTPUT_DTYPES, site=True, remembered=True, seed=defaults.OUTPUT_DTYPE),
     Param("cluster", Kind.CHOICE, defaults.CLUSTER, "Cluster profile shipped with dogflow (on the command line "
           "also a path to a profile YAML)", choices=_profiles, site=True, metavar="NAME|PATH"),

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from tasks import store
+from tasks.filters import kind_named
+from tasks.output import Output
+from tasks.position import PositionResult
 
 _LISTENERS: list[Callable[[int, int], None]] = []
 
@@ -61,59 +63,70 @@ class Progress:
         announce(self.already_done + self.finished, self.total)
 
 
-def preview_artifact(output_path: str, position: int, channel: int) -> None:
-    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | DoG MIP)."""
+def preview_artifact(output_path: str, position: int, channel: int, kind: str) -> None:
+    """A markdown artifact embedding the preview PNG that the task wrote (input MIP | filtered MIP)."""
     from prefect.artifacts import create_markdown_artifact
 
-    png = store.preview_path(output_path, position, channel)
-    if not png.exists():
+    out = Output(output_path)
+    png = out.read_preview(position, channel)
+    if png is None:
         return
-    data = base64.b64encode(png.read_bytes()).decode()
+    data = base64.b64encode(png).decode()
     create_markdown_artifact(
         key="dog-filter-preview",
         markdown=(
             f"# Position {position}, channel {channel}: max-intensity projection along z\n\n"
-            f"Left: input. Right: Difference of Gaussians. File: `{png}`\n\n"
+            f"Left: input. Right: {kind_named(kind).label}. File: `{out.path}/{out.preview_key(position, channel)}`\n\n"
             f"![position {position} preview](data:image/png;base64,{data})"
         ),
         description=f"MIP preview of position {position}",
     )
 
 
-def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> str:
-    done = sum(r["status"] == "completed" for r in rows)
-    failed = [r for r in rows if r["status"] != "completed"]
+def summary_markdown(input_path: str, output_path: str, skipped: int, rows: list[PositionResult],
+                     lost_workers: Sequence[dict[str, Any]] = ()) -> str:
+    done = sum(r.completed for r in rows)
+    failed = [r for r in rows if not r.completed]
     lines = [
         "# dog-filter summary",
         "",
         f"- input: `{input_path}`",
         f"- output: `{output_path}`",
         f"- processed: **{done}**, skipped (complete and unchanged): **{skipped}**, failed: **{len(failed)}**",
+        *[f"- lost worker job (replaced): {lost_line(j)}" for j in lost_workers],
         "",
         "| position | channels | status | seconds | host | SLURM job | min | max | mean |",
         "|---:|---|---|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        if r["status"] == "completed":
+        if r.completed:
             lines.append(
-                f"| {r['position']} | {','.join(map(str, r['channels']))} | completed | {r['seconds']:.1f} | {r['host']} | {r.get('slurm_job_id') or '-'} "
-                f"| {r['min']:.4g} | {r['max']:.4g} | {r['mean']:.4g} |"
+                f"| {r.position} | {','.join(map(str, r.channels))} | completed | {r.seconds:.1f} | {r.host} | {r.slurm_job_id or '-'} "
+                f"| {r.min:.4g} | {r.max:.4g} | {r.mean:.4g} |"
             )
         else:
-            lines.append(f"| {r['position']} | | **failed**: {r.get('error', '')} | | | | | | |")
+            lines.append(f"| {r.position} | | **failed**: {r.error} | | | | | | |")
     return "\n".join(lines)
 
 
-def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[dict[str, Any]]) -> None:
+def lost_line(job: dict[str, Any]) -> str:
+    """One lost worker job (a ``flows.clusters.keeper.LostJob`` as a dict), in words."""
+    from flows.clusters.keeper import LostJob
+
+    return LostJob(**job).describe()
+
+
+def publish_summary(input_path: str, output_path: str, skipped: int, rows: list[PositionResult], kind: str,
+                    lost_workers: Sequence[dict[str, Any]] = ()) -> None:
     """The summary table artifact, and the preview of the middle completed position."""
     from prefect.artifacts import create_markdown_artifact
 
-    done_rows = [r for r in rows if r["status"] == "completed"]
+    done_rows = [r for r in rows if r.completed]
     if done_rows:
         middle = done_rows[len(done_rows) // 2]
-        preview_artifact(output_path, middle["position"], middle["channels"][0])
+        preview_artifact(output_path, middle.position, middle.channels[0], kind)
     create_markdown_artifact(
-        markdown=summary_markdown(input_path, output_path, skipped, rows),
+        markdown=summary_markdown(input_path, output_path, skipped, rows, lost_workers),
         key="dog-filter-summary",
         description="dog-filter: per-position results",
     )

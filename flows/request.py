@@ -21,10 +21,10 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from flows import params, units
+from flows import params
+from tasks import units
 from tasks import defaults
 
 
@@ -142,10 +142,20 @@ class _RequestMethods:
 
     # -- step 1: the parameters alone ---------------------------------------------------------------------
 
+    @property
+    def kind(self) -> Any:
+        """The filter kind (:mod:`tasks.filters`) the request names, or the default one when not given."""
+        from tasks import filters
+
+        return filters.kind_named(self.filter or params.BY_NAME["filter"].seed)
+
     def check(self) -> None:
-        """Refuse bad parameters and a missing input; imports nothing heavy, reads no store."""
+        """Refuse bad parameters and a missing input; imports nothing heavy, reads no store (an object store's
+        input is looked at by :meth:`validate`)."""
+        from tasks.storage import is_url
+
         in_abs, out_abs = self._paths(plan_only=not self.output_path)
-        if not os.path.exists(in_abs):
+        if not is_url(in_abs) and not os.path.exists(in_abs):
             raise ParameterError(f"input not found: {self.input_path}")
         self._truncate()
         self._choices()
@@ -157,10 +167,12 @@ class _RequestMethods:
             parse_channels(self.channels, _ANY)
         if self.positions and self.positions.lower() not in ("all", "*"):
             parse_positions(self.positions, _ANY)
+        kind = self.kind
+        if self.filter:  # without it, the kind may come from an existing output (validate)
+            _refuse_other_sigmas(self, kind)
         try:
             units.parse_voxel_size(self.voxel_size or None)
-            given = {n: units.parse_lengths(getattr(self, n), n) for n in ("sigma_small", "sigma_large")
-                     if getattr(self, n)}
+            given = {n: units.parse_lengths(getattr(self, n), n) for n in kind.sigmas if getattr(self, n)}
         except units.UnitError as exc:
             raise ParameterError(str(exc)) from None
         if len(given) == 2 and (given["sigma_small"].unit is None) != (given["sigma_large"].unit is None):
@@ -180,22 +192,26 @@ class _RequestMethods:
         return truncate
 
     def _choices(self) -> None:
+        from tasks import filters
+
         if self.mode and self.mode not in defaults.MODES:
             raise ParameterError(f"unknown mode {self.mode!r}; choose one of {', '.join(defaults.MODES)}")
         if self.output_dtype and self.output_dtype not in defaults.OUTPUT_DTYPES:
             raise ParameterError(
                 f"unknown output dtype {self.output_dtype!r}; choose one of {', '.join(defaults.OUTPUT_DTYPES)}")
+        if self.filter and self.filter not in filters.FILTER_KINDS:
+            raise ParameterError(f"unknown filter {self.filter!r}; choose one of {', '.join(filters.FILTER_KINDS)}")
 
     def _paths(self, plan_only: bool = False) -> tuple[str, str]:
         if not self.input_path:
             raise ParameterError("input path is empty")
-        in_abs = os.path.abspath(os.path.expanduser(str(self.input_path)))
+        in_abs = _location(self.input_path)
         if plan_only and not self.output_path:
             return in_abs, ""
         if not self.output_path:
             raise ParameterError("output path is empty")
-        out_abs = os.path.abspath(os.path.expanduser(str(self.output_path)))
-        if in_abs == out_abs or Path(out_abs).is_relative_to(in_abs):
+        out_abs = _location(self.output_path)
+        if in_abs == out_abs or out_abs.startswith(in_abs.rstrip("/") + "/"):
             raise ParameterError(f"output path must not be the input or lie inside it: {self.output_path}")
         return in_abs, out_abs
 
@@ -205,8 +221,11 @@ class _RequestMethods:
         """:meth:`check`, then the stores, the parameters an existing output was made with, the cluster
         profile and the memory plan; writes nothing. ``plan_only`` (``dogflow plan``): the output is optional,
         and the profile's memory is checked without this host's checks (a plan may be made elsewhere)."""
-        from tasks import filters, store
-        from tasks.inputs import StoreError, open_dataset
+        from tasks import filters
+        from tasks.filters import FilterError, FilterParams
+        from tasks.inputs import open_dataset
+        from tasks.output import Output, OutputSpec
+        from tasks.storage import StoreError
 
         self.check()
         in_abs, out_abs = self._paths(plan_only)
@@ -222,24 +241,24 @@ class _RequestMethods:
         channels = parse_channels(r.channels, ds.n_channels)
         if made is not None and r.conflicts and not self.overwrite:
             raise ParameterError(made.conflict_line(out_abs, r.conflicts, len(positions), len(channels)))
-        fparams = store.FilterParams(input_path=in_abs, sigma_small=r.sigma_small.voxels,
-                                     sigma_large=r.sigma_large.voxels, truncate=r.truncate, mode=r.mode,
-                                     output_dtype=r.output_dtype)
-        physical = {f"{n}_um": list(s.micrometers) for n, s in (("sigma_small", r.sigma_small),
-                                                               ("sigma_large", r.sigma_large))
-                    if s.micrometers is not None}
+        try:
+            settings = r.kind(**{n: s.voxels for n, s in r.sigmas.items()}, truncate=r.truncate, mode=r.mode).check()
+        except FilterError as exc:
+            raise ParameterError(str(exc)) from None
+        fparams = FilterParams(in_abs, settings, r.output_dtype)
+        physical = {f"{n}_um": list(s.micrometers) for n, s in r.sigmas.items() if s.micrometers is not None}
         voxel = r.voxel
-        output = store.OutputSpec.for_dataset(fparams, ds, voxel.values if voxel else None,
-                                              voxel.unit if voxel else None, physical=physical)
+        output = OutputSpec.for_dataset(fparams, ds, voxel.values if voxel else None,
+                                        voxel.unit if voxel else None, physical=physical)
         if out_abs:
             try:
-                store.check_output(out_abs, output, self.overwrite)
+                Output(out_abs).check(output, self.overwrite)
             except StoreError as exc:
                 msg = str(exc)
                 if "--overwrite" in msg and made is not None:  # say what it would destroy
                     msg += f" ({made.overwrite_words(len(positions), len(channels))})"
                 raise ParameterError(msg) from None
-        need = filters.memory_per_task(filters.FILTERS[defaults.FILTER], ds.shape, ds.dtype, r.output_dtype)
+        need = filters.memory_per_task(r.kind.kind, ds.shape, ds.dtype, r.output_dtype)
         profile = _profile(self.profile_name, need, plan_only)
         verb = "overwriting {}, with these as it was made" if self.overwrite and made else "continuing {} as it was made"
         notice = f"{verb.format(self.output_path)}: {' '.join(r.taken)}" if r.taken else ""
@@ -251,6 +270,19 @@ class _RequestMethods:
         taken: list[str] = []
         conflicts: list[str] = []
         old = made.params if made is not None else None
+        kind = self.kind
+        if self.filter and old is not None and old.kind != self.filter:
+            conflicts.append(f"--filter {self.filter}")
+        elif not self.filter and old is not None:
+            kind = type(old.filter)
+            if old.kind != params.BY_NAME["filter"].seed:
+                taken.append(f"--filter {old.kind}")
+        same = old is not None and old.kind == kind.kind  # the output's σ, truncate and mode apply
+        if old is None:
+            _refuse_other_sigmas(self, kind)
+        for name in ("sigma", "sigma_small", "sigma_large"):
+            if getattr(self, name) and name not in kind.sigmas:  # a σ of the other kind, for this output
+                conflicts.append(f"{_flag(name)} {getattr(self, name)}")
         try:
             vs_text = self.voxel_size
             if not vs_text and ds.voxel_size is None and made is not None and made.voxel_size:
@@ -260,33 +292,32 @@ class _RequestMethods:
             if self.voxel_size and made is not None and not made.same_voxel_size(voxel):
                 conflicts.append(f"--voxel-size {self.voxel_size}")
             sigmas = {}
-            for name in ("sigma_small", "sigma_large"):
+            for name in kind.sigmas:
                 given = getattr(self, name)
                 if given:
                     s = units.sigma_in_voxels(given, voxel, name)
-                    if old is not None:
-                        if _close(s.voxels, getattr(old, name)):
-                            s = units.Sigma(getattr(old, name), s.micrometers)  # what it was made with, exactly
+                    if same:
+                        if _close(s.voxels, getattr(old.filter, name)):
+                            s = units.Sigma(getattr(old.filter, name), s.micrometers)  # as it was made, exactly
                         else:
                             conflicts.append(f"{_flag(name)} {given}")
-                elif old is not None:
-                    s = units.Sigma(getattr(old, name), made.micrometers(name))
+                elif same:
+                    s = units.Sigma(getattr(old.filter, name), made.micrometers(name))
                     taken.append(f"{_flag(name)} {made.sigma_text(name)}")
-                else:
+                elif params.BY_NAME[name].seed is not None:
                     s = units.sigma_in_voxels(params.BY_NAME[name].seed, voxel, name)
+                else:
+                    raise ParameterError(f"the {kind.kind} filter needs {_flag(name)} (e.g. "
+                                         f"{_flag(name)} {params.BY_NAME[name].example.split(' or ')[0]})")
                 sigmas[name] = s
         except units.UnitError as exc:
             raise ParameterError(str(exc)) from None
-        bad_axes = [ax for ax, a, b in zip("zyx", sigmas["sigma_small"].voxels, sigmas["sigma_large"].voxels)
-                    if a >= b]
-        if bad_axes:
-            raise ParameterError(
-                f"sigma_small must be smaller than sigma_large on every axis (not on {','.join(bad_axes)}): "
-                f"{units.format_lengths(sigmas['sigma_small'].voxels)} vs "
-                f"{units.format_lengths(sigmas['sigma_large'].voxels)} voxels")
         values: dict[str, Any] = {}
         for name, given in (("truncate", self._truncate()), ("mode", self.mode), ("output_dtype", self.output_dtype)):
-            stored = getattr(old, name) if old is not None else None
+            if name == "output_dtype":
+                stored = old.output_dtype if old is not None else None
+            else:
+                stored = getattr(old.filter, name) if same else None
             if given not in (None, ""):
                 values[name] = given
                 if stored is not None and given != stored:
@@ -300,9 +331,8 @@ class _RequestMethods:
         if not channels and made is not None and made.channels:
             channels = ",".join(map(str, made.channels))
             taken.append(f"--channels {channels}")
-        return _Resolved(voxel, sigmas["sigma_small"], sigmas["sigma_large"], float(values["truncate"]),
-                         values["mode"], values["output_dtype"], channels or params.BY_NAME["channels"].seed,
-                         taken, conflicts)
+        return _Resolved(kind, voxel, sigmas, float(values["truncate"]), values["mode"], values["output_dtype"],
+                         channels or params.BY_NAME["channels"].seed, taken, conflicts)
 
 
 RunRequest = dataclasses.make_dataclass(
@@ -320,11 +350,26 @@ def _plain(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _refuse_other_sigmas(request: Any, kind: Any) -> None:
+    others = [n for n in ("sigma", "sigma_small", "sigma_large") if getattr(request, n) and n not in kind.sigmas]
+    if others:
+        hint = " (give --filter gaussian)" if others[0] == "sigma" else ""
+        raise ParameterError(f"{_flag(others[0])} is not a parameter of the {kind.kind} filter, which takes "
+                             f"{' and '.join(_flag(n) for n in kind.sigmas)}{hint}")
+
+
+def _location(text: str) -> str:
+    """An absolute path, or an object-store URL as given (without a trailing slash)."""
+    from tasks.storage import is_url
+
+    return str(text).rstrip("/") if is_url(text) else os.path.abspath(os.path.expanduser(str(text)))
+
+
 @dataclass(frozen=True)
 class _Resolved:
+    kind: Any  # the filter kind's class (tasks.filters)
     voxel: Optional[units.Lengths]
-    sigma_small: units.Sigma
-    sigma_large: units.Sigma
+    sigmas: dict[str, units.Sigma]  # the kind's σ parameters, in voxels (and µm when given so)
     truncate: float
     mode: str
     output_dtype: str
@@ -338,20 +383,26 @@ class MadeWith:
     """What an existing output (layout 2, readable provenance) was made with."""
 
     path: str
-    params: Any  # tasks.store.FilterParams
+    params: Any  # tasks.filters.FilterParams
     provenance: dict[str, Any]
 
     @classmethod
     def read(cls, out: str) -> Optional["MadeWith"]:
-        from tasks import store
+        from tasks import output
+        from tasks.filters import FilterParams
+        from tasks.storage import StoreError
 
-        if not store.output_exists(out):
-            return None
-        prov = store.read_provenance(out)
-        if not prov or prov.get("layout_version", 1) != store.LAYOUT_VERSION:
+        o = output.Output(out)
+        try:
+            if not o.exists():
+                return None
+            prov = o.provenance()
+        except StoreError as exc:
+            raise ParameterError(str(exc)) from None
+        if not prov or prov.get("layout_version", 1) not in output.RESUMABLE_LAYOUTS:
             return None
         try:
-            return cls(out, store.FilterParams.from_dict(prov["params"]), prov)
+            return cls(out, FilterParams.from_dict(prov["params"]), prov)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -384,21 +435,22 @@ class MadeWith:
 
     def sigma_text(self, name: str) -> str:
         um = self.micrometers(name)
-        return units.format_lengths(um, "um") if um else units.format_lengths(getattr(self.params, name))
+        return units.format_lengths(um, "um") if um else units.format_lengths(getattr(self.params.filter, name))
 
     def flags(self) -> str:
         """The flags this output was made with (σ with 4 significant digits)."""
-        out = [f"--sigma-small {self.sigma_text('sigma_small')}", f"--sigma-large {self.sigma_text('sigma_large')}",
-               f"--truncate {self.params.truncate:g}", f"--mode {self.params.mode}",
-               f"--output-dtype {self.params.output_dtype}"]
+        f = self.params.filter
+        out = [f"--filter {f.kind}"] if f.kind != params.BY_NAME["filter"].seed else []
+        out += [f"{_flag(n)} {self.sigma_text(n)}" for n in f.sigmas]
+        out += [f"--truncate {f.truncate:g}", f"--mode {f.mode}", f"--output-dtype {self.params.output_dtype}"]
         if self.voxel_size:
             out.append(f"--voxel-size {units.format_lengths(self.voxel_size)} ({self.unit_suffix() or 'no unit'})")
         return " ".join(out)
 
     def overwrite_words(self, n_positions: int, n_channels: int) -> str:
-        from tasks import store
+        from tasks.output import Output
 
-        done = len(store.marked(self.path))
+        done = len(Output(self.path).markers.marked())
         return (f"--overwrite discards its {done} computed (position, channel) pair(s) and computes "
                 f"{n_positions} position(s) x {n_channels} channel(s) anew")
 
@@ -430,8 +482,8 @@ class RunSpec:
     input_dtype: str
     positions: tuple[int, ...]
     channels: tuple[int, ...]
-    params: Any  # tasks.store.FilterParams
-    output: Any  # tasks.store.OutputSpec
+    params: Any  # tasks.filters.FilterParams
+    output: Any  # tasks.output.OutputSpec
     profile: Any = field(repr=False)
     need_bytes: int = 0
     notice: str = ""  # one line: the parameters taken from the existing output, or ""

@@ -41,7 +41,7 @@ class Prepared:
     pending channels of each position, and the early cluster (or None)."""
 
     spec: Any  # flows.request.RunSpec
-    lock: Any  # tasks.store.RunLock, held
+    lock: Any  # tasks.lock.RunLock, held
     pending: dict[int, list[int]]
     early: Any = None  # flows.clusters.local.EarlyCluster or None
 
@@ -91,23 +91,27 @@ def claim(request: Any) -> Optional[Prepared]:
 def pending_work(spec: Any) -> tuple[dict[int, list[int]], list[Any]]:
     """The channels of each selected position that are not complete (all of them with ``force``), and the
     state of every (position, channel); reads markers only, writes nothing."""
-    from tasks import store
     from tasks.inputs import open_dataset
+    from tasks.markers import MarkerState
+    from tasks.output import Output
 
     ds = open_dataset(spec.input_path, check=False)  # validated: open only the images used
-    rows = store.scan(spec.output_path, ds, spec.params, spec.positions, spec.channels)
+    rows = Output(spec.output_path).markers.scan(ds, spec.params, spec.positions, spec.channels)
     pending: dict[int, list[int]] = {}
     for r in rows:
-        if spec.request.force or r.state != "complete":
+        if spec.request.force or r.state is not MarkerState.COMPLETE:
             pending.setdefault(r.position, []).append(r.channel)
     return pending, rows
 
 
-def run_summary(spec: Any, skipped: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run returns: counts, failed positions and one row per filtered position."""
-    failed = [r["position"] for r in rows if r["status"] != "completed"]
+def run_summary(spec: Any, skipped: int, rows: list[Any], lost_workers: Optional[list[dict[str, Any]]] = None
+                ) -> dict[str, Any]:
+    """What a run returns (plain JSON): counts, failed positions, the (position, channel) pairs computed, one
+    record per filtered position (``rows``: :class:`tasks.position.PositionResult`), the worker jobs lost."""
+    failed = [r.position for r in rows if not r.completed]
     return {"output_path": spec.output_path, "selected": len(spec.positions), "processed": len(rows) - len(failed),
-            "skipped": skipped, "failed": failed, "positions": rows}
+            "skipped": skipped, "failed": failed, "pairs": sum(len(r.channels) for r in rows if r.completed),
+            "positions": [r.as_dict() for r in rows], "lost_workers": list(lost_workers or [])}
 
 
 class RunFailed(RuntimeError):
@@ -156,12 +160,13 @@ def execute(request: Any, *, notice: Callable[[str], None] = lambda line: None,
 def _locked(request: Any, spec: Any, temporary_api: Any, progress: Optional[Callable[[], Any]],
             before_prefect: Callable[[], None]) -> dict[str, Any]:
     from flows.request import ParameterError
-    from tasks import store
+    from tasks.lock import RunLockedError
+    from tasks.output import Output
 
-    lock = store.RunLock(spec.output_path)
+    lock = Output(spec.output_path).lock(run_name="dogflow-run")
     try:
         lock.acquire()
-    except store.RunLockedError as exc:
+    except RunLockedError as exc:
         raise ParameterError(str(exc)) from None
     try:
         pending, _ = pending_work(spec)

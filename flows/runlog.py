@@ -1,7 +1,7 @@
 """Where a run's log lines go.
 
 - The run log file (:func:`capture`): every INFO line of Prefect and Dask in this process, for this run,
-  in the file that :func:`tasks.store.run_log_path` names (next to the output, or in ``$DOGFLOW_LOG_DIR``).
+  in the file that :meth:`tasks.output.Output.log_path` names (next to the output, or in ``$DOGFLOW_LOG_DIR``).
 - The terminal (:func:`quiet_terminal`): ``dogflow run`` shows only warnings and errors of Prefect and
   Dask (plus its own progress bar and summary line); ``-v`` shows their INFO lines too. Dask worker
   processes inherit the setting through the environment.
@@ -23,10 +23,11 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @contextlib.contextmanager
 def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
     """Copy this run's Prefect and Dask log lines (INFO and up) into the run log file; yields its path."""
-    from tasks import store
+    from tasks.output import Output
 
-    path = store.run_log_path(output_path, run_name or "run", os.environ.get("SLURM_JOB_ID"),
-                              folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
+    out = Output(output_path)
+    path = out.log_path(run_name or "run", os.environ.get("SLURM_JOB_ID"),
+                        folder=os.environ.get("DOGFLOW_LOG_DIR") or None)
     handler = _FileLog(path)
     for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
@@ -36,6 +37,8 @@ def capture(output_path: str, run_name: str | None) -> Iterator[Path]:
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        if not os.environ.get("DOGFLOW_LOG_DIR"):
+            out.keep_log(path)  # an output on an object store gets a copy
 
 
 class _FileLog(logging.Handler):

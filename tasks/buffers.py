@@ -6,13 +6,16 @@ level: 4.9 s from ``np.empty``, 1.9 s from :func:`empty`), and the faults of one
 serialise. :func:`empty` maps anonymous memory with ``MAP_POPULATE``: the kernel provides every page in one
 call. Used for the engine's result and slab buffer, the input volume a task reads, and the pyramid levels
 and uint16 copies it writes.
+
+tracemalloc does not see anonymous mappings: while it traces (a memory measurement), :func:`empty` allocates
+with numpy, whatever the size, so that the measurement counts every array.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
+import tracemalloc
 
 import numpy as np
 
@@ -21,39 +24,12 @@ POPULATE_MIN = 4 << 20  # arrays at least this large (bytes) are mapped pre-popu
 
 def empty(shape, dtype) -> np.ndarray:
     """Like ``np.empty(shape, dtype)`` (C order); arrays of at least :data:`POPULATE_MIN` bytes are backed by
-    an anonymous ``MAP_POPULATE`` mapping (freed with the array), smaller ones by numpy."""
+    an anonymous ``MAP_POPULATE`` mapping (freed with the array), smaller ones (and all while tracemalloc
+    traces) by numpy."""
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     flags = getattr(mmap, "MAP_POPULATE", None)
-    if nbytes < POPULATE_MIN or flags is None:
+    if nbytes < POPULATE_MIN or flags is None or tracemalloc.is_tracing():
         return np.empty(shape, dtype=dtype)
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
     return np.frombuffer(m, dtype=dtype).reshape(shape)
-
-
-@contextlib.contextmanager
-def numpy_allocated():
-    """Within this block :func:`empty` always allocates with numpy, whatever the size. Memory measurements need
-    it: tracemalloc sees numpy's allocations but not anonymous mappings. Not thread-safe (module state)."""
-    global POPULATE_MIN
-    saved, POPULATE_MIN = POPULATE_MIN, math.inf
-    try:
-        yield
-    finally:
-        POPULATE_MIN = saved
-
-
-def traced_peak(fn):
-    """(fn(), bytes its Python and numpy allocations added at their peak), by tracemalloc, with large arrays
-    from numpy meanwhile (:func:`numpy_allocated`). For tests and benchmarks of memory bounds."""
-    import tracemalloc
-
-    with numpy_allocated():
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            result = fn()
-            return result, tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()

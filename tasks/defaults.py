@@ -34,7 +34,7 @@ SEED_SIGMA_LARGE = 200 / 2.35
 TRUNCATE = 4.0
 MODE = "nearest"
 MODES = ("nearest", "reflect", "mirror", "constant", "wrap")  # scipy.ndimage edge modes the engine takes
-OUTPUT_DTYPES = ("float32", "uint16")
+OUTPUT_DTYPES = ("float32", "float16", "uint16")
 OUTPUT_DTYPE = "float32"
 CLUSTER = "local"
 

@@ -60,6 +60,9 @@ release the GIL; each block is ~20 numpy calls for a few ms of work.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import itertools
 import math
 import os
@@ -71,9 +74,11 @@ import numpy as np
 import scipy.fft as sfft
 import scipy.ndimage as ndi
 
-from tasks import buffers
+from tasks import _kernels as K
+from tasks import buffers, fft
 
-__all__ = ["MODES", "PRECISIONS", "difference_of_gaussians", "gaussian", "default_threads", "peak_memory_bytes"]
+__all__ = ["MODES", "PRECISIONS", "Tuning", "difference_of_gaussians", "default_threads", "fft_backend",
+           "gaussian", "peak_memory_bytes", "tuned"]
 
 MODES = ("nearest", "reflect", "mirror", "constant", "wrap")
 PRECISIONS = ("float32", "float64")
@@ -84,7 +89,8 @@ _C_DCT = 0.16         # idem for a DCT
 _C_OP = 0.45          # one elementwise pass over a line buffer (copy, multiply, unpack)
 _C_DIRECT = 0.65      # correlate1d: per output sample per (r + 1) taps (it exploits symmetry)
 
-_FORCE_METHOD = None  # testing hook: "transform" or "direct" for every pass with r > 0
+K.warm()    # numba's per-process loading here, at import (a Dask worker's preload), not in the first task
+fft.warm()
 
 _MiB = 1 << 20
 _TEMP_MIN = 16 * _MiB
@@ -98,6 +104,61 @@ _MEM_CAP = 2.5         # peak (input included) <= this many result volumes, when
 
 
 # --------------------------------------------------------------------------- public helpers
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Choices the engine normally makes itself, fixed by hand (tests, benchmarks). None: the engine's own.
+
+    Attributes
+    ----------
+    method : {'transform', 'direct'}, optional
+        Every pass with radius > 0 uses its transform (fft / dct) or ``correlate1d``, not the cost model's pick.
+    slab_fraction : float, optional
+        Slab buffer size as a fraction of the result (``< 1`` cuts the first axis into slabs with halos).
+    block_lines : int, optional
+        Lines per block of a pass (default: :func:`_task_bytes` of buffer per block).
+    fft : {'pocketfft', 'fftw', 'mkl'}, optional
+        FFT backend for every transform (default: measured per length, or ``$DOGFLOW_FFT``).
+    """
+
+    method: str | None = None
+    slab_fraction: float | None = None
+    block_lines: int | None = None
+    fft: str | None = None
+
+    def selector(self) -> fft.Selector:
+        """The FFT length and backend selector these choices imply."""
+        return fft.selector() if self.fft is None else _forced_selector(self.fft)
+
+
+@lru_cache(maxsize=None)
+def _forced_selector(name):
+    return fft.Selector(only=name)
+
+
+_TUNING = contextvars.ContextVar("dogflow_dog_tuning", default=Tuning())
+
+
+@contextlib.contextmanager
+def tuned(**choices):
+    """Run engine calls in this block (this thread or task context) with :class:`Tuning` ``choices``."""
+    tuning = dataclasses.replace(_TUNING.get(), **choices)
+    if tuning.method not in (None, "transform", "direct"):
+        raise ValueError(f"method must be 'transform' or 'direct', got {tuning.method!r}")
+    if tuning.fft is not None and tuning.fft not in fft.available():
+        raise ValueError(f"FFT backend {tuning.fft!r} is not installed (installed: {', '.join(fft.available())})")
+    token = _TUNING.set(tuning)
+    try:
+        yield tuning
+    finally:
+        _TUNING.reset(token)
+
+
+def fft_backend() -> str:
+    """FFT backend(s) of this thread's last engine call (``'+'``-joined when lengths picked differently),
+    e.g. ``'fftw'``; see :mod:`tasks.fft`."""
+    return fft.backend_used()
+
 
 def default_threads() -> int:
     """CPUs this process may use: min(affinity, $SLURM_CPUS_PER_TASK, $DOGFLOW_THREADS), >= 1."""
@@ -133,6 +194,9 @@ def _temp_budget(work_bytes: int, threads: int = 1) -> int:
 
 def _slab_fraction(in_bytes: int, work_bytes: int, threads: int = 1) -> float:
     """Fraction of the result size the slab buffer of the large blur may take."""
+    forced = _TUNING.get().slab_fraction
+    if forced is not None:
+        return float(forced)
     if not work_bytes:
         return 1.0
     room = max(_MEM_CAP * work_bytes, in_bytes + 1.4 * work_bytes) - in_bytes - work_bytes
@@ -258,6 +322,19 @@ def _fft_transfer(sigma: float, truncate: float, M: int, D: int, wrap: bool, wdt
 
 
 @lru_cache(maxsize=256)
+def _fft_scaled(sigma: float, truncate: float, M: int, D: int, wrap: bool, wdtype: str, sign: float):
+    """``sign / M * H``, the transfer function as applied between the unnormalised transforms of
+    :mod:`tasks.fft`: per sample, and per float of a complex sample (each value twice)."""
+    h = _frozen(_fft_transfer(sigma, truncate, M, D, wrap, "float64") * (sign / M), wdtype)
+    return h, _frozen(np.repeat(h, 2), wdtype)
+
+
+@lru_cache(maxsize=64)
+def _zero_transfer(M: int, wdtype: str):
+    return _frozen(np.zeros(M), wdtype), _frozen(np.zeros(2 * M), wdtype)
+
+
+@lru_cache(maxsize=256)
 def _dct_transfer(sigma: float, truncate: float, m: int, mode: str, wdtype: str):
     """Eigenvalues of scipy's reflect (DCT-II) or mirror (DCT-I) operator on m samples."""
     _, k = _kernel(sigma, truncate)
@@ -291,13 +368,21 @@ def _fast_len(target: int) -> int:
     return best
 
 
+def _fft_need(r, n, m, a, b, mode):
+    """Least transform length for outputs [a, b) of an m-sample window of an n-line (``n`` for 'wrap')."""
+    if mode == "wrap":
+        return n
+    X = max(b, m - a)
+    return max(min(r, X - 1) + X, m)   # the window must fit too
+
+
 def _fft_len(r, n, m, a, b, mode):
-    """Transform length and tap cut D for outputs [a, b) of an m-sample window of an n-line."""
+    """Transform length (the cost model's: the smallest 5-smooth one that suffices) and tap cut D for
+    outputs [a, b) of an m-sample window of an n-line."""
     if mode == "wrap":
         return n, r
     X = max(b, m - a)
-    D = min(r, X - 1)
-    return _fast_len(max(D + X, m)), D   # the window must fit too
+    return _fast_len(_fft_need(r, n, m, a, b, mode)), min(r, X - 1)
 
 
 class _Plan:
@@ -365,21 +450,65 @@ class _Job:
     ``op`` "set" or "sub" (dst -= result).
     """
 
-    __slots__ = ("srcs", "outs", "lo", "m", "n", "method", "M", "H", "line_bytes")
+    __slots__ = ("srcs", "outs", "lo", "m", "n", "method", "M", "H", "line_bytes", "cdtype", "edge", "HS", "S",
+                 "RS", "later", "backend", "layout", "mems", "dst_mems")
 
-    def __init__(self, srcs, outs, lo):
+    def __init__(self, srcs, outs, lo, axis):
         self.srcs, self.outs, self.lo = srcs, outs, lo
         self.m = srcs[0].shape[-1]
         plan = outs[0][3][0][1]
         self.n, self.method = plan.n, plan.method
-        if self.method in ("fft", "dct"):
+        if self.method == "fft":
+            # any M >= the largest need is exact (no alias reaches a kept output); which one is fastest is
+            # measured with the layout the lines will have (tasks.fft.Selector)
+            need = max(_fft_need(p.r, self.n, self.m, a - lo, b - lo, p.mode) for _, a, b, terms, _ in outs
+                       for _, p, _ in terms)
+            self.layout = K.SAMPLES if _lines_strided(axis) else K.LINES
+            self.cdtype = np.result_type(plan.wdtype, np.complex64)
+            self.M, self.backend = _TUNING.get().selector().choose(
+                need, 0 if self.layout == K.SAMPLES else 1, self.cdtype, fixed=plan.mode == "wrap",
+                smallest=_fast_len)
+            self.mems = [_mem_order(s, axis) for s in srcs]
+            self.dst_mems = [_mem_order(d, axis) for d, *_ in outs]
+        elif self.method == "dct":
             self.M = max(p.length(self.m, a - lo, b - lo)[0] for _, a, b, terms, _ in outs for _, p, _ in terms)
+        else:
+            self.M = self.m
+        self.H = None
+        if self.method == "dct":
             self.H = [[_broadcasts(self._transfer(p, a - lo, b - lo)) for _, p, _ in terms]
                       for _, a, b, terms, _ in outs]
-        else:
-            self.M, self.H = self.m, None
+        elif self.method == "fft":
+            self._fft_terms(plan)
         # bytes of work buffer per line (an fft line is half of a packed complex line)
         self.line_bytes = np.dtype(plan.wdtype).itemsize * self.M
+
+    def _fft_terms(self, plan):
+        """Per output: transfer functions (sign and 1/M folded in), signs, right-edge masses; the edge rule."""
+        m, lo, n = self.m, self.lo, self.n
+        self.edge = K.EDGE_NONE
+        if plan.mode == "nearest" and lo == 0:
+            self.edge = K.EDGE_BOTH if m == n else K.EDGE_LEFT
+        elif plan.mode == "nearest" and lo + m == n:
+            self.edge = K.EDGE_RIGHT
+        self.HS, self.S, self.RS, self.later = [], [], [], []
+        for o, (_, a, b, terms, _) in enumerate(self.outs):
+            if [i for i, _, _ in terms] != list(range(len(terms))):    # pragma: no cover - schedule invariant
+                raise AssertionError("an output's terms must use sources 0, 1, ... in order")
+            hs = [_fft_scaled(p.sigma, p.truncate, self.M, p.length(m, a - lo, b - lo)[1], p.mode == "wrap",
+                              p.wdtype, float(sign)) for _, p, sign in terms]
+            if len(hs) == 1:            # one term: the second product of K.spectra is by zero
+                hs.append(_zero_transfer(self.M, plan.wdtype))
+            self.HS.append({K.SAMPLES: [h for h, _ in hs], K.LINES: [h2 for _, h2 in hs]})
+            S = np.zeros(2)          # C rows of sources that are no term of this output are multiplied by 0
+            R = np.zeros((2, b - a))
+            for i, p, sign in terms:
+                S[i] = sign if self.edge != K.EDGE_NONE else 0.0
+                if self.edge == K.EDGE_BOTH and b > n - p.r:
+                    R[i] += sign * _right_mass(p.sigma, p.truncate, n, "float64")[a:b]
+            self.S.append(S)
+            self.RS.append(R)
+            self.later.append({i for _, _, _, ts, _ in self.outs[o + 1:] for i, _, _ in ts})
 
     def _transfer(self, p, a_, b_):
         if p.method == "dct":
@@ -395,11 +524,15 @@ def _broadcasts(H):
 
 
 class _Scratch:
-    """Per-thread reusable buffers, allocated in the memory order of the pass's lines."""
+    """Per-thread reusable buffers: real/complex ones in the memory order of the pass's lines (dct,
+    direct), aligned (rows, M) complex batches with their FFT plans (fft), and per-line edge values."""
 
     def __init__(self):
         self.bufs = {}
         self.views = {}
+        self.ffts = {}
+        self.edges = None
+        self.used = set()
 
     def get(self, role, shape, dtype, axis, pairs=False):
         """A (P, Q, M)-shaped view of a buffer whose memory order matches the source's
@@ -409,6 +542,31 @@ class _Scratch:
         if views is None:
             views = self.views[key] = self._make(role, shape, dtype, axis, pairs)
         return views
+
+    def fft_buf(self, role, rows, M, cdtype, layout, name):
+        """(z, its float view, forward, inverse): a C-contiguous aligned batch of ``rows`` complex lines of
+        ``M`` samples in ``layout`` ((rows, M) for LINES, (M, rows) for SAMPLES) and the in-place transforms
+        of backend ``name`` (made once per geometry)."""
+        key = (role, rows, M, cdtype, layout, name)
+        got = self.ffts.get(key)
+        if got is None:
+            n = rows * M
+            flat = self.bufs.get((role, cdtype))
+            if flat is None or flat.size < n:
+                flat = self.bufs[(role, cdtype)] = fft.aligned(n, cdtype)
+                self.ffts = {k: v for k, v in self.ffts.items() if (k[0], k[3]) != (role, cdtype)}
+            axis = 0 if layout == K.SAMPLES else 1
+            z = flat[:n].reshape((M, rows) if axis == 0 else (rows, M))
+            fwd, inv = fft.BACKENDS[name]().plan(z, axis)
+            self.used.add(name)
+            got = self.ffts[key] = (z, z.view(z.real.dtype), fwd, inv)
+        return got
+
+    def edge_arrays(self, n):
+        """(C, E, shift): per-line edge values and right-end extensions of up to two sources, workspace."""
+        if self.edges is None or self.edges[2].shape[0] < n:
+            self.edges = (np.zeros((2, n)), np.zeros((2, n)), np.zeros(n))
+        return self.edges
 
     def _make(self, role, shape, dtype, axis, pairs):
         key = (role, np.dtype(dtype).str)
@@ -459,6 +617,7 @@ def _block_dct(job, blk, scratch, axis):
     """Reflect/mirror lines: dct in place, multiply by each output's eigenvalues, idct."""
     plan0 = job.outs[0][3][0][1]
     t = 2 if plan0.mode == "reflect" else 1
+    scratch.used.add("pocketfft")     # scipy.fft's DCTs
     spec = []
     for i, src in enumerate(job.srcs):
         s = src[blk]
@@ -496,127 +655,43 @@ def _mix(job, o, spec, flat, scratch, axis):
     return acc
 
 
-def _pairs_neighbours(axis):
-    """Do lines of a pass along ``axis`` pair as neighbours (2j, 2j + 1)?  Yes when they are strided in
-    memory (not the last axis): a pair is then two adjacent floats.  The one rule for loading and storing."""
+def _lines_strided(axis):
+    """Are the lines of a pass along ``axis`` strided in memory (not the last axis)?  Then consecutive lines
+    are neighbours in memory and the compiled loops run with the lines innermost (:mod:`tasks._kernels`)."""
     return axis != 2
 
 
-def _adjacent(y):
-    """(P, 2h, M) float view of packed complex lines y (P, h, M) whose h axis is contiguous in
-    memory: float line 2j is the real part of complex line j, float line 2j + 1 its imaginary part."""
-    return y.transpose(0, 2, 1).view(y.real.dtype).transpose(0, 2, 1)
-
-
-def _pack(s, h, dtype, adjacent):
-    """(P, Q, 1) real edge values as (P, h, 1) complex pairs, h = ceil(Q/2): lines (2j, 2j + 1)
-    when ``adjacent``, else lines (j, j + h)."""
-    P, Q = s.shape[:2]
-    c = np.zeros((P, h, 1), dtype=dtype)
-    if adjacent:
-        c.view(c.real.dtype).reshape(P, 2 * h)[:, :Q] = s[..., 0]
-    else:
-        c.real[...] = s[:, :h]
-        c.imag[:, :Q - h] = s[:, h:]
-    return c
-
-
 def _block_fft(job, blk, scratch, axis):
-    """nearest/constant/wrap lines, packed in pairs (x1 + i x2) into zero-padded complex lines."""
-    loaded = [_load_packed(job, src[blk], i, scratch, axis) for i, src in enumerate(job.srcs)]
-    spec = [sfft.fft(z, axis=-1, overwrite_x=True, workers=1) for z, _, _, _ in loaded]
-    flat = [zf for _, zf, _, _ in loaded]
+    """nearest/constant/wrap lines ``[l0, l0 + L)``, packed in pairs (x1 + i x2) into zero-padded complex
+    lines of a 2-D buffer (:mod:`tasks._kernels` layouts): edge values, load (edge value subtracted), forward
+    transform, times the real transfer function(s) (``1 / M`` and the term's sign folded in), inverse
+    transform, store (edge terms added back)."""
+    l0, L, rows = blk
+    used = (L + 1) >> 1
+    layout = job.layout
+    C, E, shift = scratch.edge_arrays(2 * rows)
+    Q = job.srcs[0].shape[1]
+    bufs = []
+    for i, mem in enumerate(job.mems):
+        _, zf, fwd, inv = scratch.fft_buf(("src", i), rows, job.M, job.cdtype, layout, job.backend)
+        K.load(mem, axis, Q, l0, L, zf, job.m, layout, job.edge, C[i], E[i])
+        fwd()
+        bufs.append((zf, inv))
     for o, (dst, a, b, terms, op) in enumerate(job.outs):
-        y = sfft.ifft(_mix(job, o, spec, flat, scratch, axis), axis=-1, overwrite_x=True, workers=1)
-        shift = None
-        for i, p, sign in terms:
-            _, _, c, e = loaded[i]
-            if e is not None and b > job.n - p.r:
-                _right_edge(y, e, p, sign, a, b, job.lo, job.n, scratch, axis)
-            if c is not None:
-                shift = sign * c if shift is None else shift + sign * c
-        _store_packed(y[..., a - job.lo:b - job.lo], dst[blk], shift, op, _pairs_neighbours(axis))
-
-
-def _load_packed(job, s, i, scratch, axis):
-    """Copy lines s (P, Q, m) into source buffer i as (P, ceil(Q/2), M) complex lines, zero-padded.
-
-    Lines are paired as real and imaginary parts of one complex line: neighbours (2j, 2j + 1)
-    when the pass's lines are strided in memory (:func:`_pairs_neighbours`: the pairs are then adjacent
-    floats, so loading and storing are contiguous casts), else lines (j, j + ceil(Q/2)).
-    'nearest': the value ``c`` of a true line end is subtracted first, which makes that end's
-    extension zero (it is added back when storing); if both ends are true, the other end's
-    extension is ``e = v[n-1] - v[0]``.  Returns (buffer, its float view, c, e).
-    """
-    plan = job.outs[0][3][0][1]
-    M, m, lo, n = job.M, job.m, job.lo, job.n
-    Q = s.shape[1]
-    h, rest = (Q + 1) // 2, Q // 2
-    adjacent = _pairs_neighbours(axis)
-    z, zf = scratch.get(("src", i), (s.shape[0], h, M), np.result_type(plan.wdtype, np.complex64),
-                        axis, pairs=True)
-    c = e = None
-    if plan.mode == "nearest" and lo == 0:
-        c = _pack(s[..., :1], h, z.dtype, adjacent)
-        if m == n:
-            e = _pack(s[..., m - 1:], h, z.dtype, adjacent) - c
-    elif plan.mode == "nearest" and lo + m == n:
-        c = _pack(s[..., m - 1:], h, z.dtype, adjacent)
-    if adjacent:
-        za = _adjacent(z)
-        if c is None:
-            np.copyto(za[:, :Q, :m], s, casting="unsafe")
+        H = job.HS[o][layout]
+        if len(terms) == 2:                 # merge: the sources are not needed afterwards
+            (yf, inv), (zfb, _) = bufs
+            K.spectra(yf, H[0], zfb, H[1], yf, layout, used)
         else:
-            np.subtract(s, _adjacent(c)[:, :Q], out=za[:, :Q, :m], casting="unsafe")
-        if rest < h:
-            za[:, Q, :m] = 0
-    else:
-        if c is None:
-            np.copyto(z.real[..., :m], s[:, :h], casting="unsafe")
-            np.copyto(z.imag[:, :rest, :m], s[:, h:], casting="unsafe")
-        else:
-            np.subtract(s[:, :h], c.real, out=z.real[..., :m], casting="unsafe")
-            np.subtract(s[:, h:], c.imag[:, :rest], out=z.imag[:, :rest, :m], casting="unsafe")
-        if rest < h:
-            z.imag[:, -1, :m] = 0
-    z[..., m:] = 0
-    return z, zf, c, e
-
-
-def _store_packed(y, d, shift, op, adjacent):
-    """d (P, Q, b - a) op= the packed outputs y + shift (pairing as in :func:`_load_packed`)."""
-    if adjacent:
-        Q = d.shape[1]
-        yf = _adjacent(y)[:, :Q]
-        if shift is None:
-            _combine(d, yf, op)
-        elif op == "set":
-            np.add(yf, _adjacent(shift)[:, :Q], out=d, casting="unsafe")
-        else:
-            np.add(yf, _adjacent(shift)[:, :Q], out=yf)
-            _combine(d, yf, op)
-        return
-    h, rest = y.shape[1], d.shape[1] - y.shape[1]
-    yr, yi = y.real, y.imag[:, :rest]
-    if shift is not None and op == "set":      # add the shifted edge value back while unpacking
-        np.add(yr, shift.real, out=d[:, :h], casting="unsafe")
-        np.add(yi, shift.imag[:, :rest], out=d[:, h:], casting="unsafe")
-        return
-    if shift is not None:
-        np.add(yr, shift.real, out=yr)
-        np.add(yi, shift.imag[:, :rest], out=yi)
-    _combine(d[:, :h], yr, op)
-    _combine(d[:, h:], yi, op)
-
-
-def _right_edge(y, e, p, sign, a, b, lo, n, scratch, axis):
-    """y[i] += sign * e * R[i] for outputs i in [max(a, n-r), b) (packed lines y; R: kernel mass
-    right of the line)."""
-    s = max(a, n - p.r)
-    R = _right_mass(p.sigma, p.truncate, p.n, p.wdtype)[s:b]
-    t = scratch.get("edge", y[..., s - lo:b - lo].shape, y.dtype, axis)
-    np.multiply(e, -R if sign < 0 else R, out=t)
-    np.add(y[..., s - lo:b - lo], t, out=y[..., s - lo:b - lo])
+            zf = bufs[0][0]
+            if 0 in job.later[o]:           # split: the spectrum is needed by the next output
+                _, yf, _, inv = scratch.fft_buf("mix", rows, job.M, job.cdtype, layout, job.backend)
+            else:
+                yf, inv = bufs[0]
+            K.spectra(zf, H[0], zf, H[1], yf, layout, used)
+        inv()
+        K.store(yf, a - job.lo, job.dst_mems[o], axis, Q, b - a, l0, L, layout,
+                K.OP_SET if op == "set" else K.OP_SUB, C, job.S[o], E, job.RS[o], shift)
 
 
 @lru_cache(maxsize=256)
@@ -642,6 +717,8 @@ class _Runner:
     def __init__(self, threads):
         self.threads = threads
         self.task_bytes = _task_bytes(threads)
+        tuning = _TUNING.get()
+        self.block_lines = tuning.block_lines
         self.scratch = [_Scratch() for _ in range(threads)]
         self.inbox = [queue.SimpleQueue() for _ in range(threads - 1)]
         self.done = queue.SimpleQueue()
@@ -655,9 +732,26 @@ class _Runner:
             box.put(None)
         for th in self.helpers:
             th.join()
+        fft.record_used(set().union(*(sc.used for sc in self.scratch)))
+
+    def _lines(self, job, total):
+        lines = self.block_lines or max(2, self.task_bytes // max(1, job.line_bytes))
+        if self.threads > 1:    # enough blocks for every thread to stay busy
+            lines = max(2, min(lines, -(-total // (4 * self.threads))))
+        return lines
+
+    def _line_blocks(self, job, P, Q):
+        """Flat line ranges (l0, L, rows) of the P * Q lines, ``rows`` complex lines of buffer each (one
+        batch geometry per pass, so that a plan-based FFT backend plans once)."""
+        total = P * Q
+        lines = min(self._lines(job, total), total)
+        rows = (lines + 1) // 2
+        return [(l0, min(lines, total - l0), rows) for l0 in range(0, total, lines)]
 
     def _blocks(self, job, P, Q):
-        lines = max(1, self.task_bytes // max(1, job.line_bytes))
+        if job.method == "fft":
+            return self._line_blocks(job, P, Q)
+        lines = self.block_lines or max(1, self.task_bytes // max(1, job.line_bytes))
         if self.threads > 1:    # enough blocks for every thread to stay busy
             lines = max(2, min(lines, -(-P * Q // (4 * self.threads))))
         if lines >= Q:
@@ -710,6 +804,13 @@ class _Runner:
             raise errors[0]
 
 
+def _mem_order(canon, axis):
+    """The array of a canonical view (line axis last) in memory order again (line axis at ``axis``); C-ordered
+    (unit-stride rows for :mod:`tasks._kernels`) when the underlying window is."""
+    mem = np.moveaxis(canon, -1, axis)
+    return mem
+
+
 def _canon(arr, axis):
     """(P, Q, n) view with the filtered axis last."""
     return np.moveaxis(arr, axis, -1)
@@ -724,7 +825,7 @@ def _window(arr, axis, lo, hi):
 def _single(run, plan, src, dst, axis, lo=0, a=0, b=None, op="set"):
     """dst (outputs [a, b) along axis) op= G src (window starting at lo)."""
     b = plan.n if b is None else b
-    job = _Job([_canon(src, axis)], [(_canon(dst, axis), a, b, [(0, plan, 1)], op)], lo)
+    job = _Job([_canon(src, axis)], [(_canon(dst, axis), a, b, [(0, plan, 1)], op)], lo, axis)
     run.run(job, axis)
 
 
@@ -736,7 +837,7 @@ def _split(run, pa, pb, src, da, db, axis, lo, ranges):
         _single(run, pb, src, db, axis, lo, ab, bb)
         return
     outs = [(_canon(da, axis), aa, ba, [(0, pa, 1)], "set"), (_canon(db, axis), ab, bb, [(0, pb, 1)], "set")]
-    run.run(_Job([_canon(src, axis)], outs, lo), axis)
+    run.run(_Job([_canon(src, axis)], outs, lo, axis), axis)
 
 
 def _merge(run, pa, pb, sa, sb, dst, axis):
@@ -746,7 +847,7 @@ def _merge(run, pa, pb, sa, sb, dst, axis):
         _single(run, pb, sb, dst, axis, op="sub")
         return
     outs = [(_canon(dst, axis), 0, pa.n, [(0, pa, 1), (1, pb, -1)], "set")]
-    run.run(_Job([_canon(sa, axis), _canon(sb, axis)], outs, 0), axis)
+    run.run(_Job([_canon(sa, axis), _canon(sb, axis)], outs, 0, axis), axis)
 
 
 # --------------------------------------------------------------------------- engine
@@ -758,7 +859,7 @@ def _as3d(v):
 def _plans(sig, truncate, shape3, ndim, mode, wd):
     pad = 3 - ndim
     s3 = (1e-9,) * pad + tuple(sig)   # leading fake axes: radius 0, identity
-    return [_Plan(s3[ax], truncate, shape3[ax], mode, wd, force=_FORCE_METHOD) for ax in range(3)]
+    return [_Plan(s3[ax], truncate, shape3[ax], mode, wd, force=_TUNING.get().method) for ax in range(3)]
 
 
 def _slabs(pa, pb, n, k):

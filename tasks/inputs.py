@@ -15,7 +15,7 @@ Layouts (``Dataset.layout``):
     A root with ``bioformats2raw.layout: 3`` (NGFF 0.4 attributes, or 0.5 under ``ome``); each series
     group (``0``, ``1``, ..., or the list in ``OME/``'s ``series`` attribute) is an NGFF image: one position.
 ``dogflow``
-    dogflow's own output (layout 2): an OME-Zarr group with one ``multiscales`` entry per position.
+    dogflow's own output (layouts 2 and 3): an OME-Zarr group with one ``multiscales`` entry per position.
 
 Voxel size and unit come from the NGFF metadata (scale of the full-resolution dataset, times the
 multiscale's own scale; unit of the z, y, x axes); every position must agree on shape, dtype, channel
@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -39,15 +38,12 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from tasks import buffers
+from tasks.storage import Storage, StoreError, open_storage
+from tasks.units import UM_PER as _UM_PER
 
-
-class StoreError(ValueError):
-    """A problem with an input or output store, phrased for the user (one line)."""
-
+__all__ = ["Dataset", "StoreError", "open_dataset"]
 
 SPACE = ("z", "y", "x")
-_UM_PER = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "picometer": 1e-6,
-           "centimeter": 1e4, "meter": 1e6}
 
 
 # --------------------------------------------------------------------------- one image
@@ -80,13 +76,6 @@ def _grid(arr: zarr.Array) -> tuple[int, ...]:
     return tuple(shards) if shards else tuple(arr.chunks)
 
 
-def _array_root(arr: zarr.Array) -> Path:
-    root = getattr(arr.store_path.store, "root", None)
-    if root is None:
-        raise StoreError("input fingerprints need a local-filesystem store")
-    return Path(str(root)) / arr.path if arr.path else Path(str(root))
-
-
 def _is_real_numeric(dtype: np.dtype) -> bool:
     return (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) and not np.issubdtype(
         dtype, np.bool_
@@ -103,7 +92,17 @@ class Dataset:
     path: str
     layout: str
     loaders: list[Callable[[], _Image]] = field(repr=False)  # one per image; opened on first use
+    storage: Storage = field(repr=False, default=None)  # type: ignore[assignment]
     _opened: dict[int, _Image] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.storage is None:
+            self.storage = open_storage(self.path)
+
+    @property
+    def opened_images(self) -> list[int]:
+        """Which images' metadata have been read so far (a task reads only its position's)."""
+        return sorted(self._opened)
 
     def image(self, i: int) -> _Image:
         """Image ``i``, its metadata read on first use (a task opens only the image of its position)."""
@@ -178,31 +177,31 @@ class Dataset:
         im.array.get_basic_selection(idx, out=NDBuffer.from_numpy_array(out))
         return out
 
-    def _objects(self, position: int, channel: int) -> Iterator[tuple[str, Path, tuple[slice, ...]]]:
-        """(name, path, region) of every stored object (chunk, or shard) covering one position and channel."""
+    def _objects(self, position: int, channel: int) -> Iterator[tuple[str, tuple[slice, ...]]]:
+        """(key, region) of every stored object (chunk, or shard) covering one position and channel; keys are
+        relative to the input's root."""
         im, idx = self._locate(position, channel)
         arr = im.array
         grid = _grid(arr)
         lead = tuple(i // g for i, g in zip(idx, grid))
-        root = _array_root(arr)
         counts = [range(-(-arr.shape[d] // grid[d])) for d in range(arr.ndim - 3, arr.ndim)]
         for zyx in itertools.product(*counts):
             key = arr.metadata.encode_chunk_key((*lead, *zyx))
             region = tuple(slice(i * g, (i + 1) * g) for i, g in zip(zyx, grid[-3:]))
-            yield (f"{arr.path}/{key}" if arr.path else key), root / key, (*idx, *region)
+            yield (f"{arr.path}/{key}" if arr.path else key), (*idx, *region)
 
-    def stored_objects(self, position: int, channel: int) -> list[tuple[str, Path]]:
-        """(name, path) of every stored object covering ``(position, channel)``; names are relative to the input."""
-        return [(name, path) for name, path, _ in self._objects(position, channel)]
+    def stored_objects(self, position: int, channel: int) -> list[str]:
+        """Keys of every stored object covering ``(position, channel)``, relative to the input's root."""
+        return [key for key, _ in self._objects(position, channel)]
 
     def missing_objects(self, position: int, channel: int) -> list[str]:
-        """Names of the stored objects of ``(position, channel)`` that are not on disk."""
-        return [name for name, path, _ in self._objects(position, channel) if not path.exists()]
+        """Keys of the stored objects of ``(position, channel)`` that are not in the store."""
+        return [key for key, st in self.storage.stat_many(self.stored_objects(position, channel)).items() if st is None]
 
     def find_unreadable_chunk(self, position: int, channel: int) -> tuple[str, str] | None:
         """Decode each chunk of ``(position, channel)`` alone; (name, error) of the first that fails, or None."""
         im, _ = self._locate(position, channel)
-        for name, _, region in self._objects(position, channel):
+        for name, region in self._objects(position, channel):
             try:
                 im.array[region]
             except Exception as exc:
@@ -212,20 +211,17 @@ class Dataset:
     def fingerprint(self, position: int, channel: int) -> str:
         """Fingerprint of ``(position, channel)`` without reading its data.
 
-        SHA-256 of the (name, size, mtime_ns) of every stored object (chunk, or shard when sharded) that
+        SHA-256 of the (name, size, version) of every stored object (chunk, or shard when sharded) that
         covers it, plus the (z, y, x) shape, dtype and storage grid (not the number of positions, which
-        may grow). A missing object contributes (name, -1, -1). Any rewrite of a chunk changes its mtime,
-        so a changed input changes the fingerprint; the cost is one ``stat`` per object.
+        may grow). The version is the store's (:meth:`tasks.storage.Storage.stat`: mtime on a filesystem). A
+        missing object contributes (name, -1, -1). Any rewrite of a chunk changes its version, so a changed
+        input changes the fingerprint; the cost is one ``stat`` per object.
         """
         im, _ = self._locate(position, channel)
         h = hashlib.sha256()
         h.update(json.dumps([list(self.shape), str(self.dtype), list(_grid(im.array)[-3:])]).encode())
-        for name, path in self.stored_objects(position, channel):
-            try:
-                st = os.stat(path)
-                h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except FileNotFoundError:
-                h.update(f"{name}\0-1\0-1\n".encode())
+        for name, st in self.storage.stat_many(self.stored_objects(position, channel)).items():
+            h.update((f"{name}\0{st.size}\0{st.version}\n" if st else f"{name}\0-1\0-1\n").encode())
         return h.hexdigest()[:32]
 
 
@@ -238,19 +234,19 @@ def open_dataset(path: str | os.PathLike, check: bool = True) -> Dataset:
     With ``check`` every image's metadata is read and compared (what validation does); without it only the
     first image is opened now and the others when used (what a task does: it needs one position).
     """
-    p = Path(path)
-    if not p.exists():
+    storage = open_storage(path)
+    if not storage.exists():
         raise StoreError(f"input not found: {path}")
     try:
-        node = zarr.open(str(p), mode="r")
+        node = zarr.open(storage.zarr_store(read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for "not a store"
         raise StoreError(f"input is not a Zarr array or group: {path} ({type(exc).__name__}: {exc})") from None
     if isinstance(node, zarr.Array):
         if node.ndim != 5:
             raise StoreError(f"input must be 5-D (position, channel, z, y, x); {path} has shape {tuple(node.shape)}")
-        ds = Dataset(str(p), "array", [lambda: _Image("", node, ("position", "c"))])
+        ds = Dataset(storage.url, "array", [lambda: _Image("", node, ("position", "c"))], storage)
     else:
-        ds = _open_group(node, str(p))
+        ds = _open_group(node, storage)
     _check_consistent(ds, every_image=check)
     return ds
 
@@ -260,20 +256,22 @@ def _ome(attrs: dict[str, Any]) -> dict[str, Any]:
     return dict(attrs["ome"]) if isinstance(attrs.get("ome"), dict) else attrs
 
 
-def _open_group(root: zarr.Group, path: str) -> Dataset:
+def _open_group(root: zarr.Group, storage: Storage) -> Dataset:
+    path = storage.url
     attrs = dict(root.attrs)
     meta = _ome(attrs)
     if meta.get("bioformats2raw.layout") is not None:
         if meta["bioformats2raw.layout"] != 3:
             raise StoreError(f"unsupported bioformats2raw.layout {meta['bioformats2raw.layout']!r} (3 is): {path}")
         series = _series(root, path)
-        return Dataset(path, "bioformats2raw", [functools.partial(_image_in, root, s, path) for s in series])
+        return Dataset(path, "bioformats2raw", [functools.partial(_image_in, root, s, path) for s in series], storage)
     if meta.get("multiscales"):
-        layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") == 2 else "ome-zarr"
+        layout = "dogflow" if (attrs.get("dogflow") or {}).get("layout_version") in (2, 3) else "ome-zarr"
         return Dataset(path, layout, [functools.partial(_image, root, "", ms, path, i)
-                                      for i, ms in enumerate(meta["multiscales"])])
+                                      for i, ms in enumerate(meta["multiscales"])], storage)
     if "0" in root and isinstance(root["0"], zarr.Array):  # a group holding the plain array as "0"
-        return Dataset(path, "ome-zarr", [functools.partial(_image, root, "", {"datasets": [{"path": "0"}]}, path, 0)])
+        return Dataset(path, "ome-zarr", [functools.partial(_image, root, "", {"datasets": [{"path": "0"}]}, path, 0)],
+                       storage)
     raise StoreError(
         f"input group is neither an OME-Zarr image (no 'multiscales') nor a bioformats2raw root: {path}"
     )

@@ -43,14 +43,14 @@ def assert_output_exact(out, inp, sigma_small, sigma_large, channel=0, positions
                         marked=True):
     """Every selected position of the output ``out`` (all of them by default) has ``channel`` marked complete
     (unless ``marked=False``) and equal to the float64 scipy DoG of that position and channel of ``inp``."""
-    from tasks import store
+    from tasks.output import Output
     from tasks.inputs import open_dataset
 
     src = open_dataset(inp)
     for p in range(src.n_positions) if positions is None else positions:
         if marked:
-            assert store.read_marker(out, p, channel) is not None, f"position {p} channel {channel} has no marker"
-        assert_exact(store.read_result(out, p, channel), src.read(p, channel), sigma_small, sigma_large, truncate, mode)
+            assert Output(out).markers.read(p, channel) is not None, f"position {p} channel {channel} has no marker"
+        assert_exact(Output(out).read(p, channel), src.read(p, channel), sigma_small, sigma_large, truncate, mode)
 
 
 def is_populated_mapping(a) -> bool:
@@ -64,7 +64,7 @@ def volume_dataset(path, positions=4, shape=(48, 256, 256), seed=0, chunks=(1, 1
     """A 5-D (positions, 1, z, y, x) uint16 Zarr array of random volumes in [50, 2000) on disk."""
     import zarr
 
-    from flows.sample import random_volume
+    from datasets import random_volume
 
     arr = zarr.create_array(str(path), shape=(positions, 1, *shape), chunks=chunks, dtype="uint16")
     for p in range(positions):

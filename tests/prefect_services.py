@@ -54,6 +54,38 @@ def _save_template_db(db: Path) -> None:
         shutil.rmtree(dest.parent, ignore_errors=True)
 
 
+POSTGRES_SH = ROOT / "infra" / "postgres" / "postgres.sh"
+
+
+class Postgres:
+    """The PostgreSQL of ``infra/postgres/postgres.sh`` (started by .ci/run): one fresh database per server."""
+
+    @staticmethod
+    def _sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(POSTGRES_SH), *args], capture_output=True, text=True, timeout=120)
+
+    @classmethod
+    def available(cls) -> Optional[str]:
+        """None when it accepts connections, else why not."""
+        if cls._sh("status").returncode != 0:
+            return "PostgreSQL is not running; start it with `bash infra/postgres/postgres.sh start`"
+        return None
+
+    @classmethod
+    def create(cls, prefix: str = "dogflow_test") -> tuple[str, str]:
+        """(name, Prefect database URL) of a new empty database; drop it with :meth:`drop`."""
+        why = cls.available()
+        require(why is None, why or "")
+        name = f"{prefix}_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        res = cls._sh("createdb", name)
+        assert res.returncode == 0, f"createdb {name}: {res.stderr}"
+        return name, cls._sh("url", name).stdout.strip()
+
+    @classmethod
+    def drop(cls, name: str) -> None:
+        cls._sh("dropdb", name)
+
+
 def require(condition: Any, reason: str) -> None:
     """Skip (visible reason) when a service is unavailable; fail instead under DOGFLOW_REQUIRE_SERVICES=1 (CI)."""
     if condition:
@@ -118,10 +150,16 @@ def _tail(path: Path, n: int = 60) -> str:
 
 
 class PrefectServer:
-    """`prefect server start` on a free port of 127.0.0.1, with its own PREFECT_HOME (SQLite)."""
+    """`prefect server start` on a free port of 127.0.0.1, with its own PREFECT_HOME; its database is SQLite in
+    that home (``database="sqlite"``, Prefect's default) or a fresh PostgreSQL database (``"postgres"``, the
+    production setup: ``PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://...``)."""
 
     def __init__(self, workdir: Path, auth_string: Optional[str] = None, ui: bool = False,
-                 startup_timeout: float = 90.0, extra_env: Optional[dict] = None):
+                 startup_timeout: float = 90.0, extra_env: Optional[dict] = None, database: str = "sqlite"):
+        assert database in ("sqlite", "postgres"), database
+        self.database = database
+        self.db_name: Optional[str] = None
+        self.db_url: Optional[str] = None
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -150,7 +188,10 @@ class PrefectServer:
         if self.auth_string:
             env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_string
         env.update(self.extra_env)
-        if _TEMPLATE_DB:  # an already migrated database: saves the migrations (~6 s)
+        if self.database == "postgres":
+            self.db_name, self.db_url = Postgres.create()
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.db_url
+        elif _TEMPLATE_DB:  # an already migrated database: saves the migrations (~6 s)
             self.home.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_TEMPLATE_DB, self.home / "prefect.db")
         exe = VENV_BIN / "prefect"
@@ -162,7 +203,8 @@ class PrefectServer:
                 start_new_session=True,
             )
         _await_ready(self, self._healthy, self.startup_timeout, 0.5, "prefect server did not become healthy")
-        _save_template_db(self.home / "prefect.db")
+        if self.database == "sqlite":
+            _save_template_db(self.home / "prefect.db")
         return self
 
     def _healthy(self) -> bool:
@@ -174,6 +216,9 @@ class PrefectServer:
         if self.proc is not None:
             _stop_group(self.proc)
             self.proc = None
+        if self.db_name is not None:
+            Postgres.drop(self.db_name)
+            self.db_name = None
 
     # --- clients -----------------------------------------------------------------
 
@@ -268,7 +313,10 @@ class Worker:
         with self.server.client() as c:
             return any(w.name == "dogflow-test-worker" for w in c.read_workers_for_work_pool(self.pool))
 
-    stop = PrefectServer.stop
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_group(self.proc)
+            self.proc = None
 
 
 class PlainWorker(Worker):

@@ -103,16 +103,16 @@ def test_bad_parameters(inp, tmp_path, extra, expect):
 
 def _existing_output(inp, tmp_path, shape_zyx=None):
     """A real dogflow output made by prepare_output (what a finished run leaves)."""
-    from tasks import store
+    from tasks.filters import DoG, FilterParams
+    from tasks.output import Output, OutputSpec
     from tasks.inputs import open_dataset
 
-    params = store.FilterParams(str(Path(inp).resolve()), (1.0,) * 3, (3.0,) * 3, 4.0, "nearest", "float32")
+    params = FilterParams(str(Path(inp).resolve()), DoG((1.0,) * 3, (3.0,) * 3, 4.0, "nearest"), "float32")
     ds = open_dataset(inp)
     out = tmp_path / "exists.zarr"
-    store.prepare_output(out, store.OutputSpec(params, ds.n_positions, ds.n_channels, shape_zyx or ds.shape),
-                         channels=[0])
-    store.write_levels(out, 0, 0, np.ones(shape_zyx or ds.shape, dtype=np.float32), "float32")
-    store.write_marker(out, 0, 0, {"position": 0})
+    Output(out).prepare(OutputSpec(params, ds.n_positions, ds.n_channels, shape_zyx or ds.shape), channels=[0])
+    Output(out).write_levels(0, 0, np.ones(shape_zyx or ds.shape, dtype=np.float32), "float32")
+    Output(out).markers.write(0, 0, {"position": 0})
     return out
 
 
@@ -144,28 +144,28 @@ def test_plan_continues_an_output_as_it_was_made(inp, tmp_path):
     assert res.exit_code == 0, res.output
     assert (f"continuing {out} as it was made: --sigma-small 1 --sigma-large 3 --truncate 4 --mode nearest "
             f"--output-dtype float32 --channels 0") in res.stdout
-    assert "filter: sigma_small 1, sigma_large 3 voxels, truncate 4, mode nearest, output float32; channels 0" \
+    assert "filter: dog, sigma_small 1, sigma_large 3 voxels, truncate 4, mode nearest, output float32; channels 0" \
         in res.stdout
     assert "positions: 3 (3 to filter, 0 complete and unchanged)" in res.stdout  # its one marker is not a real one
     seed = tmp_path / "seed.zarr"
-    from tasks import store
+    from tasks.filters import DoG, FilterParams
+    from tasks.output import Output, OutputSpec
     from tasks.inputs import open_dataset
 
     ds = open_dataset(inp)
-    params = store.FilterParams(str(Path(inp).resolve()), (50 / 2.35,) * 3, (200 / 2.35,) * 3, 4.0, "nearest",
-                                "float32")
-    store.prepare_output(seed, store.OutputSpec(params, ds.n_positions, ds.n_channels, ds.shape), channels=[1])
+    params = FilterParams(str(Path(inp).resolve()), DoG((50 / 2.35,) * 3, (200 / 2.35,) * 3, 4.0, "nearest"), "float32")
+    Output(seed).prepare(OutputSpec(params, ds.n_positions, ds.n_channels, ds.shape), channels=[1])
     res = runner.invoke(app, ["plan", str(inp), str(seed), "--sigma-small", "21.28", "--mode", "nearest"])
     assert res.exit_code == 0, res.output
     assert "--sigma-large 85.11 --truncate 4 --output-dtype float32 --channels 1" in res.stdout
-    assert "filter: sigma_small 21.28, sigma_large 85.11 voxels" in res.stdout
+    assert "filter: dog, sigma_small 21.28, sigma_large 85.11 voxels" in res.stdout
 
 
 def test_plan_takes_the_schemas_defaults_and_the_run_options(inp):
     res = runner.invoke(app, ["plan", str(inp), "--channels", "0,1", "--sigma-small", "1", "--sigma-large", "2",
                               "--voxel-size", "2,1,1", "--output-dtype", "uint16", "--truncate", "3"])
     assert res.exit_code == 0, res.output
-    assert "filter: sigma_small 1, sigma_large 2 voxels, truncate 3, mode nearest, output uint16; channels 0,1" \
+    assert "filter: dog, sigma_small 1, sigma_large 2 voxels, truncate 3, mode nearest, output uint16; channels 0,1" \
         in res.stdout
     assert "profile: " in res.stdout and "local.yaml (local)" in res.stdout  # the schema's default cluster
     res = runner.invoke(app, ["plan", str(inp), "--sigma-small", "1um", "--sigma-large", "2"])
@@ -225,16 +225,16 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
     assert st.returncode == 0
     assert "3 complete, 0 missing, 0 stale (of 3)" in st.stdout
     # the same run again: nothing to do, said at once (no temporary Prefect server), nothing rewritten
-    from tasks import store
+    from tasks.output import Output
 
-    before = {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)}
+    before = {pc: Output(out).markers.read(*pc)["finished"] for pc in Output(out).markers.marked()}
     # only the two paths: the output's parameters and channel, said in one line
     again = run_cli("run", inp, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 position(s) filtered, 3 already complete" in again.stdout and again.stderr == ""
     assert (f"dogflow: continuing {out} as it was made: --sigma-small 1.062,1.699,1.699 --sigma-large 2.548,5.096,4.247"
             f" --truncate 4 --mode nearest --output-dtype float32 --channels 1") in again.stdout.splitlines()
-    assert {pc: store.read_marker(out, *pc)["finished"] for pc in store.marked(out)} == before
+    assert {pc: Output(out).markers.read(*pc)["finished"] for pc in Output(out).markers.marked()} == before
 
 
 def test_plan_prints_job_script_and_memory_without_submitting(sample):
@@ -244,8 +244,15 @@ def test_plan_prints_job_script_and_memory_without_submitting(sample):
     assert "positions: 2" in out and "memory per task:" in out and "22.50 GiB available" in out
     assert "workers: 128 (adaptive 0-128), jobs: up to 16, task slots per job: 8" in out
     assert "#SBATCH -p compute" in out and "distributed.cli.dask_worker" in out
+    # (12, 40, 36) float32, one level in one shard per channel: 1 shard + marker + preview, group and level zarr.json
+    assert "output per position: 69.1 kB uncompressed, 5 files (1 shard files per channel)" in out
+    assert "output for the run (2 positions): 138.2 kB uncompressed, 12 files" in out
+    res = runner.invoke(app, ["plan", str(sample), "--positions", "0-1", "--output-dtype", "float16"])
+    assert res.exit_code == 0 and "output per position: 34.6 kB uncompressed" in res.stdout
     res = runner.invoke(app, ["plan", str(sample), "--cluster", "nosuch"])
     assert res.exit_code == 2 and "unknown cluster profile" in res.stderr
+    res = runner.invoke(app, ["plan", str(sample), "--output-dtype", "int8"])
+    assert res.exit_code == 2 and "unknown output dtype 'int8'" in res.stderr
 
 
 def _on_a_terminal(argv, env, timeout=240) -> tuple[int, str]:
@@ -314,7 +321,7 @@ def test_prefect_prints_its_notice_to_a_new_user_unless_dogflow_quiets_it(tmp_pa
 def test_allow_missing_chunks_on_the_command_line(sample, tmp_path):
     """`--allow-missing-chunks` reads a missing input chunk as the fill value (0) instead of failing its position."""
     from conftest import assert_exact
-    from tasks import store
+    from tasks.output import Output
 
     arr = zarr.open_array(str(sample), mode="r")
     volume = arr[0, 1].astype(np.float64)
@@ -326,5 +333,5 @@ def test_allow_missing_chunks_on_the_command_line(sample, tmp_path):
                   "--allow-missing-chunks", "--retry-delay", "0", "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 position(s) filtered" in res.stdout
-    assert store.read_marker(out, 0, 1) is not None
-    assert_exact(store.read_result(out, 0, 1), volume, 1.0, 2.0)
+    assert Output(out).markers.read(0, 1) is not None
+    assert_exact(Output(out).read(0, 1), volume, 1.0, 2.0)

@@ -75,8 +75,10 @@ def test_walltime_adds_lifetime():
     kept = parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00", "max_workers": 2,
                           "worker_extra_args": ["--lifetime", "10m"]}, "p")
     assert kept.kwargs["worker_extra_args"] == ["--lifetime", "10m"]
-    with pytest.warns(UserWarning, match="n_workers is fixed"):
-        parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00"}, "p")
+    with warnings.catch_warnings():  # fixed size is fine: the cluster replaces retired jobs (flows.clusters.keeper)
+        warnings.simplefilter("error")
+        fixed = parse_profile({"cluster_type": "slurm", "cores": 2, "memory": "4GB", "walltime": "01:00:00"}, "p")
+    assert fixed.kwargs["worker_extra_args"] == ["--lifetime", "3240s", "--lifetime-stagger", "162s"]
     assert clusters.parse_walltime("04:00", "HH:MM") == 4 * 3600
     assert clusters.parse_walltime("1-00:30:00") == 86400 + 1800
 
@@ -194,7 +196,7 @@ def test_a_new_scheduler_is_one_subclass():
         prof = parse_profile({"cluster_type": "htcondor", "cores": 2, "memory": "8GiB", "disk": "1GiB",
                               "max_workers": 4}, "condor.yaml")
         assert type(prof) is HTCondorProfile
-        assert prof.runner_arguments()["cluster_class"] == "dask_jobqueue.HTCondorCluster"
+        assert prof.runner_arguments()["cluster_class"] == "flows.clusters.keeper.HTCondorCluster"
         assert prof.task_slots_and_memory() == (1, 4 * GiB)  # one slot per worker process (processes: cores)
         assert prof.kwargs["security"] is True and prof.runner_arguments()["adapt_kwargs"] == {"minimum": 0, "maximum": 4}
         script = prof.job_script()
@@ -451,3 +453,29 @@ def test_worker_jobs_get_dogflows_dask_settings(kind, tmp_path):
         cfg = dask.config.collect_env({"DASK_INTERNAL_INHERIT_CONFIG": exported.group(1)})
         assert cfg["distributed"]["nanny"]["pre-spawn-environ"] == {"MALLOC_TRIM_THRESHOLD_": None}
         assert cfg["distributed"]["worker"]["profile"]["enabled"] is False
+
+
+def test_summary_names_lost_worker_jobs():
+    from dataclasses import asdict
+
+    from flows import reports
+    from flows.clusters.keeper import LostJob
+
+    job = asdict(LostJob("SLURMCluster-1", "4711", ("tls://127.0.0.1:40001",), 1.0))
+    md = reports.summary_markdown("in.zarr", "out.zarr", 0, [], [job])
+    assert "- lost worker job (replaced): SLURMCluster-1 (job 4711, workers tls://127.0.0.1:40001)" in md
+    assert "lost worker" not in reports.summary_markdown("in.zarr", "out.zarr", 0, [])
+
+
+def test_every_jobqueue_class_has_a_keeping_version():
+    import dask_jobqueue
+
+    from flows.clusters import keeper
+    from flows.clusters.base import import_class
+
+    for name in ("SLURMCluster", "PBSCluster", "LSFCluster", "SGECluster", "HTCondorCluster"):
+        cls = import_class(f"flows.clusters.keeper.{name}")
+        assert issubclass(cls, keeper.KeepsJobs) and issubclass(cls, getattr(dask_jobqueue, name))
+        assert cls is import_class(f"flows.clusters.keeper.{name}")  # made once
+    with pytest.raises(ProfileError):
+        import_class("flows.clusters.keeper.LocalCluster")

@@ -23,7 +23,9 @@ import zarr
 
 from conftest import ROOT, assert_output_exact
 from flows.sample import make_sample, sample_volume
-from tasks import store
+from tasks.markers import Markers
+from tasks.lock import LOCK_KEY
+from tasks.output import Output
 from prefect_services import (
     POOL,
     PlainWorker,
@@ -63,12 +65,12 @@ def _sample(path: Path, positions: int, seed: int) -> Path:
 
 
 def _assert_output_exact(inp: Path, out: Path, ss=SS, sl=SL, channel=CHANNEL) -> None:
-    assert store.read_provenance(out)["shape"][0] == zarr.open_array(str(inp), mode="r").shape[0]
+    assert Output(out).provenance()["shape"][0] == zarr.open_array(str(inp), mode="r").shape[0]
     assert_output_exact(out, inp, ss, sl, channel=channel, marked=False)
 
 
 def _marker_mtimes(out: Path) -> dict[int, int]:
-    return {p: store.marker_path(out, p, c).stat().st_mtime_ns for p, c in store.marked(out)}
+    return {p: (Path(out) / Markers.key(p, c)).stat().st_mtime_ns for p, c in Output(out).markers.marked()}
 
 
 class Site:
@@ -95,9 +97,10 @@ class Site:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """A fresh server with nothing set; the user's commands: pool, `deploy --all` from the checkout, worker."""
+    """A fresh server on PostgreSQL (the production setup) with nothing set; the user's commands: pool,
+    `deploy --all` from the checkout, worker."""
     workdir = tmp_path_factory.mktemp("deployments")
-    server = PrefectServer(workdir).start()
+    server = PrefectServer(workdir, database="postgres").start()
     worker = None
     try:
         s = Site(workdir, server, None)  # type: ignore[arg-type]
@@ -181,6 +184,7 @@ def test_plain_nightly_without_a_dataset_says_so(plain):
     assert res.returncode == 0, res.stdout + res.stderr + plain.debug(fr_id)
     state = flow_run_state(plain.server, fr_id)
     assert state.is_completed() and "no dataset configured" in (state.message or ""), state
+    assert state.name == "Completed", state  # Prefect's standard name: the UI's default filters show it
 
 
 def test_site_values_override_the_defaults(site):
@@ -305,6 +309,98 @@ def test_nightly_adds_an_appended_position(site, nightly_first):
     _assert_output_exact(site.nightly_in, site.nightly_out)
 
 
+class HeldScheduler:
+    """A real Dask scheduler (``dask scheduler``) that gets a worker only when the test says so: a run on it
+    holds its output's lock, its positions waiting, for as long as the test needs."""
+
+    def __init__(self, workdir: Path, server: PrefectServer):
+        self.workdir, self.server = workdir, server
+        self.file = workdir / "held-scheduler.json"
+        self.procs: list = []
+        self.logs: list = []
+
+    def __enter__(self) -> "HeldScheduler":
+        import json
+        import subprocess
+
+        from prefect_services import VENV_BIN
+
+        env = self.server.client_env()
+        self.procs.append(subprocess.Popen(
+            [str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(self.file)], cwd=self.workdir, env=env, stdout=subprocess.DEVNULL,
+            stderr=self._log("held-scheduler.log"), start_new_session=True))
+        deadline = time.monotonic() + 60
+        while not self.file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.address = json.loads(self.file.read_text())["address"]
+        self.profile = self.workdir / "held.yaml"
+        self.profile.write_text(f"cluster_type: address\naddress: {self.address}\n")
+        return self
+
+    def _log(self, name: str):
+        self.logs.append(open(self.workdir / name, "wb"))
+        return self.logs[-1]
+
+    def add_worker(self) -> None:
+        import subprocess
+
+        from prefect_services import VENV_BIN
+
+        self.procs.append(subprocess.Popen(
+            [str(VENV_BIN / "dask"), "worker", self.address, "--nthreads", "2", "--no-dashboard"],
+            cwd=ROOT, env=self.server.client_env(), stdout=subprocess.DEVNULL,
+            stderr=self._log("held-worker.log"), start_new_session=True))
+
+    def __exit__(self, *exc) -> None:
+        from prefect_services import _stop_group
+
+        for p in reversed(self.procs):
+            _stop_group(p)
+        for f in self.logs:
+            f.close()
+
+
+def test_nightly_meeting_a_live_run_completes_naming_it(site, nightly_first):
+    """An on-demand run on the nightly output holds its lock (its positions wait for a worker). A nightly run
+    then ends Completed, naming the holder; another on-demand run on that output fails at once, in one line;
+    the holder, given a worker, completes exactly, undisturbed."""
+    n = zarr.open_array(str(site.nightly_in), mode="r").shape[0]
+    with HeldScheduler(site.workdir, site.server) as held:
+        holder_id, _ = site.run("dog-filter/on-demand", {
+            "input_path": str(site.nightly_in), "output_path": str(site.nightly_out), "force": True,
+            "cluster": str(held.profile)}, watch=False)
+        lock = (Path(site.nightly_out) / LOCK_KEY)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and holder_id not in (lock.read_text() if lock.exists() else ""):
+            time.sleep(0.5)
+        assert holder_id in (lock.read_text() if lock.exists() else ""), site.debug(holder_id)
+        with site.server.client() as c:
+            holder_name = c.read_flow_run(holder_id).name
+
+        fr_id, res = site.run("dog-filter/nightly")
+        assert res.returncode == 0, res.stdout + res.stderr + site.debug(fr_id)
+        state = flow_run_state(site.server, fr_id)
+        assert state.type.value == "COMPLETED" and state.name == "Completed", state
+        assert f"flow run '{holder_name}' ({holder_id}) on host " in state.message and " since " in state.message, state
+
+        od_id, res = site.run("dog-filter/on-demand", {"input_path": str(site.nightly_in),
+                                                       "output_path": str(site.nightly_out)})
+        assert res.returncode != 0, res.stdout
+        od = flow_run_state(site.server, od_id)
+        assert od.is_failed() and "another dogflow run is writing to this output" in od.message, od
+        assert holder_id in od.message and "\n" not in od.message.strip(), od.message
+
+        assert flow_run_state(site.server, holder_id).is_running()  # undisturbed, still waiting for a worker
+        held.add_worker()
+        fr = wait_flow_run(site.server, holder_id, timeout=240)
+    assert fr.state.is_completed(), (fr.state, site.debug(holder_id))
+    md = summary_markdown(site.server, holder_id)
+    assert processed_count(md) == n and completed_positions(md) == list(range(n)), md
+    _assert_output_exact(site.nightly_in, site.nightly_out)
+    assert not (Path(site.nightly_out) / LOCK_KEY).exists()
+
+
 def test_nightly_other_sigma_is_refused_unless_overwrite(site, nightly_first):
     before = _marker_mtimes(site.nightly_out)
     fr_id, res = site.run("dog-filter/nightly", {"sigma_small": 1.5})
@@ -321,6 +417,42 @@ def test_nightly_other_sigma_is_refused_unless_overwrite(site, nightly_first):
     md = summary_markdown(site.server, fr_id)
     assert processed_count(md) == n and completed_positions(md) == list(range(n)), md
     _assert_output_exact(site.nightly_in, site.nightly_out, ss=1.5)
+
+
+LOAD_POSITIONS = 840  # a lab's dataset: 840 positions (small ones here: the load is on Prefect and its database)
+
+
+@pytest.mark.timeout(1200)
+def test_load_840_positions_on_postgres(site):
+    """One on-demand deployment run of 840 small positions on the PostgreSQL-backed server: every position is
+    filtered exactly, the server holds a Completed task run for each, and the summary lists them all."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    assert site.server.database == "postgres"
+    inp, out = site.workdir / "load-in.zarr", site.workdir / "load-out.ome.zarr"
+    make_sample(inp, positions=LOAD_POSITIONS, channels=1, shape=(4, 16, 16), chunks=(4, 16, 16), blobs=2, seed=5)
+    t0 = time.monotonic()
+    fr_id, res = site.run("dog-filter/on-demand", {"input_path": str(inp), "output_path": str(out), "channel": 0},
+                          timeout=1000)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:] + site.debug(fr_id)
+    print(f"{LOAD_POSITIONS} positions on PostgreSQL: {elapsed:.0f} s")
+    md = summary_markdown(site.server, fr_id)
+    assert processed_count(md) == LOAD_POSITIONS and completed_positions(md) == list(range(LOAD_POSITIONS)), md[-2000:]
+    assert Output(out).markers.marked() == [(p, 0) for p in range(LOAD_POSITIONS)]
+    assert_output_exact(out, inp, SS, SL, channel=0, marked=False)
+    with site.server.client() as c:
+        [child] = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr_id])))
+    body = {"flow_runs": {"id": {"any_": [str(child.id)]}}, "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    r = httpx.post(f"{site.server.api_url}/task_runs/count", json=body, timeout=60)
+    assert r.status_code == 200 and r.json() == LOAD_POSITIONS, (r.status_code, r.text)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with site.server.client() as c:
+        arts = {a.key for a in c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[child.id, fr_id])))}
+    assert {"dog-filter-summary", "dog-filter-progress", "dog-filter-preview"} <= arts, arts
 
 
 def test_auth_string_server(site, tmp_path):

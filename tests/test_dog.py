@@ -1,35 +1,28 @@
 """Exactness, threading, validation and memory tests for tasks.dog (no timing assertions)."""
 from __future__ import annotations
 
-import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from conftest import is_populated_mapping, reference_dog, reference_gaussian, tolerance
-from flows.sample import random_volume
-from tasks import buffers, defaults, dog
+from datasets import random_volume
+from tasks import buffers, defaults, dog, fft
+from tasks.testing import traced_peak
 
 SEED_SMALL, SEED_LARGE = defaults.SEED_SIGMA_SMALL, defaults.SEED_SIGMA_LARGE
+BACKENDS = fft.available()      # every installed FFT backend is tested
 
 
 def tol64(v):
     return 1e-10 * max(1.0, float(np.max(np.abs(v))))
-
-
-@contextlib.contextmanager
-def patched(**attrs):
-    """Temporarily set module attributes of tasks.dog (hypothesis-safe, no fixtures)."""
-    old = {k: getattr(dog, k) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            setattr(dog, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(dog, k, v)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -52,17 +45,14 @@ def cases(draw):
         truncate=draw(st.sampled_from([4.0, 2.5, 1.0])),
         method=draw(st.sampled_from([None, "transform", "direct"])),
         slab=draw(st.sampled_from([None, 0.3, 0.55])),
+        fft=draw(st.sampled_from(BACKENDS)),
         threads=draw(st.sampled_from([1, 2])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
-def run_patched(c, fn):
-    attrs = {"_FORCE_METHOD": c["method"]}
-    if c["slab"] is not None:
-        frac = c["slab"]
-        attrs["_slab_fraction"] = lambda in_b, w_b, threads=1: frac
-    with patched(**attrs):
+def run_tuned(c, fn):
+    with dog.tuned(method=c["method"], slab_fraction=c["slab"], fft=c["fft"]):
         return fn()
 
 
@@ -70,7 +60,7 @@ def run_patched(c, fn):
 @given(cases())
 def test_dog_matches_scipy(c):
     v = random_volume(c["shape"], c["dtype"], c["seed"])
-    got = run_patched(c, lambda: dog.difference_of_gaussians(
+    got = run_tuned(c, lambda: dog.difference_of_gaussians(
         v, c["s1"], c["s2"], truncate=c["truncate"], mode=c["mode"], precision=c["precision"],
         threads=c["threads"]))
     want = reference_dog(v, c["s1"], c["s2"], c["truncate"], c["mode"])
@@ -83,35 +73,46 @@ def test_dog_matches_scipy(c):
 @given(cases())
 def test_gaussian_matches_scipy(c):
     v = random_volume(c["shape"], c["dtype"], c["seed"])
-    got = run_patched(c, lambda: dog.gaussian(v, c["s1"], truncate=c["truncate"], mode=c["mode"],
+    got = run_tuned(c, lambda: dog.gaussian(v, c["s1"], truncate=c["truncate"], mode=c["mode"],
                                               precision=c["precision"], threads=c["threads"]))
     want = reference_gaussian(v, c["s1"], c["truncate"], c["mode"])
     tol = tolerance(v) if c["precision"] == "float32" else tol64(v)
     assert np.max(np.abs(got - want)) <= tol
 
 
+_SEED_V = random_volume((24, 70, 90), "uint16", 7)
+
+
+@pytest.fixture(scope="module")
+def seed_reference():
+    return {mode: reference_dog(_SEED_V, SEED_SMALL, SEED_LARGE, mode=mode) for mode in dog.MODES}
+
+
 @pytest.mark.parametrize("mode", dog.MODES)
-@pytest.mark.parametrize("method", [None, "transform", "direct"])
-def test_seed_sigma_moderate_shape(mode, method):
-    """The production sigmas (radii 85 and 340 > every axis here), full uint16 range."""
-    v = random_volume((24, 70, 90), "uint16", 7)
-    with patched(_FORCE_METHOD=method):
-        got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=2)
-    assert np.max(np.abs(got - reference_dog(v, SEED_SMALL, SEED_LARGE, mode=mode))) <= tolerance(v)
+@pytest.mark.parametrize("method, backend", [(None, b) for b in BACKENDS] + [("transform", b) for b in BACKENDS]
+                         + [("direct", "pocketfft")])
+def test_seed_sigma_moderate_shape(mode, method, backend, seed_reference):
+    """The production sigmas (radii 85 and 340 > every axis here), full uint16 range, every FFT backend."""
+    with dog.tuned(method=method, fft=backend):
+        got = dog.difference_of_gaussians(_SEED_V, SEED_SMALL, SEED_LARGE, mode=mode, threads=2)
+    assert np.max(np.abs(got - seed_reference[mode])) <= tolerance(_SEED_V)
 
 
 def test_seed_sigma_larger_than_radius_axes_slabbed():
     """Axes longer than the small radius, with several slabs (halo windows in the interior)."""
     v = random_volume((20, 200, 230), "uint16", 3)
-    with patched(_slab_fraction=lambda i, w, threads=1: 0.3):
-        got = dog.difference_of_gaussians(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE), threads=2)
     want = reference_dog(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE))
-    assert np.max(np.abs(got - want)) <= tolerance(v)
+    for backend in BACKENDS:
+        with dog.tuned(slab_fraction=0.3, fft=backend):
+            got = dog.difference_of_gaussians(v, SEED_SMALL, (SEED_LARGE, 30.0, SEED_LARGE), threads=2)
+        assert np.max(np.abs(got - want)) <= tolerance(v), backend
 
 
-def test_float64_precision_seed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_precision_seed(backend):
     v = random_volume((16, 60, 50), "float32", 11)
-    got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, precision="float64", threads=2)
+    with dog.tuned(fft=backend):
+        got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, precision="float64", threads=2)
     want = reference_dog(v, SEED_SMALL, SEED_LARGE)
     assert got.dtype == np.float64
     assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(v))
@@ -159,12 +160,12 @@ def test_threads_equal_results():
 
 @pytest.mark.parametrize("lines", [1, 3, 5])
 @pytest.mark.parametrize("mode", ["nearest", "constant", "wrap"])
-def test_odd_blocks_pair_lines_exactly(lines, mode):
-    """Blocks of an odd number of lines leave one complex line half empty, along every axis
-    (strided lines pair neighbours, contiguous lines pair j with j + ceil(Q/2))."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_blocks_pair_lines_exactly(lines, mode, backend):
+    """Blocks of an odd number of lines leave one complex line half empty, along every axis (strided lines
+    are loaded sample by sample, contiguous ones line by line), and blocks straddle rows of the volume."""
     v = random_volume((9, 13, 11), "uint16", lines)
-    line_bytes = 4 * 64    # below every transform length here: blocks of exactly `lines` lines
-    with patched(_task_bytes=lambda threads: lines * line_bytes, _fast_len=lambda n: 64, _FORCE_METHOD="transform"):
+    with dog.tuned(block_lines=lines, method="transform", fft=backend):
         got = dog.difference_of_gaussians(v, 1.5, (4.0, 2.0, 3.0), mode=mode, threads=1)
     assert np.max(np.abs(got - reference_dog(v, 1.5, (4.0, 2.0, 3.0), mode=mode))) <= tolerance(v)
 
@@ -174,61 +175,124 @@ def _tasks():
         return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
 
 
+class _ThreadSampler:
+    """Samples this process's OS task count every 0.5 ms while running (it is one of them itself)."""
+
+    def __init__(self):
+        self.counts, self.stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.counts.append(_tasks())
+            time.sleep(0.0005)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("mode, method", [("nearest", "transform"), ("reflect", "transform"),
-                                          ("wrap", "transform"), ("nearest", "direct")])
-def test_never_more_compute_threads_than_asked(monkeypatch, threads, mode, method):
-    """Counted for real: blocks running at once, Python threads and OS tasks alive during the call."""
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0, "py": [], "os": []}
-    fft_workers = []
-
-    def probe(fn):
-        def block(*args, **kw):
-            with lock:
-                state["now"] += 1
-                state["max"] = max(state["max"], state["now"])
-                state["py"].append(threading.active_count())
-                state["os"].append(_tasks())
-            try:
-                return fn(*args, **kw)
-            finally:
-                with lock:
-                    state["now"] -= 1
-        return block
-
-    def wrap(f):
-        def g(*a, **kw):
-            fft_workers.append(kw.get("workers"))
-            return f(*a, **kw)
-        return g
-
-    monkeypatch.setattr(dog, "_BLOCK", {k: probe(f) for k, f in dog._BLOCK.items()})
-    for name in ("fft", "ifft", "dct", "idct"):
-        monkeypatch.setattr(dog.sfft, name, wrap(getattr(dog.sfft, name)))
-    monkeypatch.setattr(dog, "_FORCE_METHOD", method)
-    py0, os0 = threading.active_count(), _tasks()
+@pytest.mark.parametrize("mode, method, backend", [("nearest", "transform", b) for b in BACKENDS] + [
+    ("reflect", "transform", "pocketfft"), ("wrap", "transform", BACKENDS[-1]), ("nearest", "direct", "pocketfft")])
+def test_never_more_compute_threads_than_asked(threads, mode, method, backend):
+    """Counted for real: Python threads and OS tasks alive during the call (helpers, FFT or MKL pools)."""
     v = random_volume((12, 40, 44), "uint16", 9)
-    got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=threads)
+    with dog.tuned(method=method, fft=backend):
+        dog.difference_of_gaussians(v[:4, :8, :8], SEED_SMALL, SEED_LARGE, mode=mode, threads=1)  # plans, loads
+        py0, os0 = threading.active_count(), _tasks()
+        with _ThreadSampler() as sampler:
+            got = dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, mode=mode, threads=threads)
     assert np.max(np.abs(got - reference_dog(v, SEED_SMALL, SEED_LARGE, mode=mode))) <= tolerance(v)
-    assert state["max"] <= threads
-    assert max(state["py"]) - py0 <= threads - 1           # no helper thread at all for threads=1
-    assert max(state["os"]) - os0 <= threads - 1           # no native pools either (BLAS, FFT)
-    assert all(w == 1 for w in fft_workers)
-    assert bool(fft_workers) == (method == "transform")
+    assert sampler.counts and max(sampler.counts) - os0 - 1 <= threads - 1   # -1: the sampler itself
     assert threading.active_count() == py0                 # helpers are gone after the call
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
-@pytest.mark.parametrize("dtype", [np.complex64, np.float32])
-def test_transforms_run_in_place(axis, dtype):
-    """The hot loop allocates nothing large: every transform writes into the reused buffer."""
-    scratch = dog._Scratch()
-    z = scratch.get("src", (3, 4, 30), dtype, axis)
-    z[...] = 1
-    fwd = dog.sfft.fft if dtype == np.complex64 else dog.sfft.dct
-    assert np.shares_memory(fwd(z, axis=-1, overwrite_x=True, workers=1), z)
-    assert np.shares_memory(scratch.get("src", (2, 4, 30), dtype, axis), z)   # reused, not reallocated
+_POOL_PROBE = """
+import json, sys, threading, time
+import numpy as np
+from tasks import dog
+def tasks():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("Threads:"))
+v = np.random.default_rng(0).integers(0, 4000, (16, 96, 96)).astype(np.uint16)
+counts, stop = [], threading.Event()
+def sample():
+    while not stop.is_set():
+        counts.append(tasks()); time.sleep(0.0005)
+with dog.tuned(fft=sys.argv[1]):
+    base = tasks()
+    th = threading.Thread(target=sample); th.start()
+    for _ in range(3):
+        dog.difference_of_gaussians(v, 2.0, 9.0, threads=1)
+    stop.set(); th.join()
+print(json.dumps({"base": base, "max": max(counts), "backend": dog.fft_backend()}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_1_uses_one_thread_whatever_the_pool_settings_say(backend):
+    """A fresh process with MKL/OpenMP asked for 8 threads: threads=1 still runs on the calling thread only."""
+    env = dict(os.environ, MKL_NUM_THREADS="8", OMP_NUM_THREADS="8", OPENBLAS_NUM_THREADS="8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _POOL_PROBE, backend], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["backend"] == backend
+    assert got["max"] - got["base"] <= 1, got      # the sampler thread only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_backend_transforms_in_place_unnormalised(backend, axis, dtype):
+    """Every backend: forward and inverse DFT along ``axis`` of a 2-D batch, in place, no 1/M either way."""
+    M, lines = 30, 7
+    buf = fft.aligned(M * lines, dtype).reshape((lines, M) if axis == 1 else (M, lines))
+    fwd, inv = fft.BACKENDS[backend]().plan(buf, axis)
+    x = np.random.default_rng(1).standard_normal(buf.shape) + 1j
+    buf[...] = x
+    fwd()
+    rtol = 1e-5 if dtype == np.complex64 else 1e-12
+    np.testing.assert_allclose(buf, np.fft.fft(x, axis=axis), rtol=rtol, atol=rtol * M)
+    inv()
+    np.testing.assert_allclose(buf, M * x, rtol=rtol, atol=rtol * M)
+
+
+def test_selector_lengths_and_forcing(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOGFLOW_CACHE_DIR", str(tmp_path))
+    assert fft.smooth_lengths(223) == [225, 240, 243, 250, 256]
+    assert fft.smooth_lengths(405) == [405, 432, 450, 480, 512]
+    assert all(223 <= n <= 1.3 * 223 for n in fft.smooth_lengths(223))
+    for backend in BACKENDS:
+        M, name = fft.Selector(only=backend).choose(223, 0, np.complex64)
+        assert name == backend and M in fft.smooth_lengths(223)
+    M, name = fft.Selector().choose(100, 1, np.complex64, fixed=True)
+    assert M == 100 and name in BACKENDS
+    if len(BACKENDS) > 1:    # measured picks are cached on disk per host
+        assert any(f.startswith("fft-picks-") for f in os.listdir(tmp_path))
+    monkeypatch.setenv("DOGFLOW_FFT", "pocketfft")
+    assert fft.reset().only == "pocketfft"
+    monkeypatch.setenv("DOGFLOW_FFT", "nonsense")
+    with pytest.raises(ValueError, match="DOGFLOW_FFT"):
+        fft.forced()
+    monkeypatch.delenv("DOGFLOW_FFT")
+    fft.reset()
+    with pytest.raises(ValueError, match="not installed"):
+        with dog.tuned(fft="nonsense"):
+            pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fft_backend_is_reported(backend):
+    v = random_volume((6, 20, 24), "uint16", 2)
+    with dog.tuned(fft=backend):
+        dog.difference_of_gaussians(v, 1.5, 4.0, threads=2)
+    assert dog.fft_backend() == backend
 
 
 def test_default_threads(monkeypatch):
@@ -307,7 +371,7 @@ def test_measured_peak_below_bound(dtype, threads):
     shape = (40, 160, 176)
     v = random_volume(shape, dtype, 4)
     dog.difference_of_gaussians(v[:4, :20, :20], 2, 8, threads=2)   # warm caches outside the trace
-    out, peak = buffers.traced_peak(lambda: dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads))
+    out, peak = traced_peak(lambda: dog.difference_of_gaussians(v, SEED_SMALL, SEED_LARGE, threads=threads))
     bound = dog.peak_memory_bytes(shape, dtype, threads=threads)
     assert out.shape == shape and out.dtype == np.float32
     assert peak + v.nbytes <= bound, (peak + v.nbytes, bound)
@@ -327,6 +391,8 @@ def test_slab_window_wider_than_one_sigma(mode):
     """Slabbed first axis where the blur filtered alone has a smaller radius than its window."""
     v = random_volume((32, 6, 36), "uint16", 8)
     s1, s2 = (13.8, 2.49, 8.61), 0.205
-    with patched(_slab_fraction=lambda i, w, threads=1: 0.2, _FORCE_METHOD="transform"):
-        got = dog.difference_of_gaussians(v, s1, s2, truncate=2.5, mode=mode, threads=3)
-    assert np.max(np.abs(got - reference_dog(v, s1, s2, 2.5, mode))) <= tolerance(v)
+    want = reference_dog(v, s1, s2, 2.5, mode)
+    for backend in BACKENDS:
+        with dog.tuned(slab_fraction=0.2, method="transform", fft=backend):
+            got = dog.difference_of_gaussians(v, s1, s2, truncate=2.5, mode=mode, threads=3)
+        assert np.max(np.abs(got - want)) <= tolerance(v), backend

@@ -3,6 +3,8 @@ colliding runs, a failing disk write. No voxel may be lost or corrupted, and the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import base64
 import os
 import re
@@ -18,7 +20,8 @@ import zarr
 
 from conftest import (assert_output_exact, cli_process, run_cli, run_in_thread, task_runs_of, volume_dataset,
                       wait_for_task_run_state)
-from tasks import store
+from tasks.lock import LOCK_KEY
+from tasks.output import Output, level_path
 
 SS, SL = [1.0, 2.0, 2.0], [2.0, 5.0, 5.0]
 
@@ -117,8 +120,8 @@ def test_worker_dying_on_every_attempt_fails_that_position_clearly(prefect_api, 
     msg = str(state.result(raise_on_failure=False))
     assert "1 position(s) failed: 2" in msg
     assert_output_exact(tmp_path / "out.zarr", tmp_path / "in.zarr", SS, SL, positions=[0, 1, 3])
-    assert store.read_marker(tmp_path / "out.zarr", 2, 0) is None
-    run_log = next(store.run_log_path(tmp_path / "out.zarr", "x").parent.glob("*-local.log")).read_text()
+    assert Output(tmp_path / "out.zarr").markers.read(2, 0) is None
+    run_log = next(Output(tmp_path / "out.zarr").log_path("x").parent.glob("*-local.log")).read_text()
     assert "position 2 failed for good" in run_log and "log lines of worker" in run_log  # workers' logs copied in
     # the task run is Failed with a readable reason, not stuck in Running: this run's own position-2 task run
     # (the session's server holds other tests' position-2 runs too), read until the server has recorded it
@@ -195,7 +198,7 @@ def test_corrupt_and_missing_chunks_are_named_and_repaired(prefect_api, tmp_path
     summary = _latest_artifact("dog-filter-summary")
     assert "input chunk c/1/0/1/0/1" in summary and "cannot be read" in summary
     assert "input chunk c/3/0/0/1/0 is missing" in summary
-    assert store.read_marker(out, 0, 0) and store.read_marker(out, 2, 0)
+    assert Output(out).markers.read(0, 0) and Output(out).markers.read(2, 0)
     corrupt.write_bytes(good_corrupt)
     missing.write_bytes(good_missing)
     state = _flow(inp, out, sigma_small=1.0, sigma_large=2.0)
@@ -212,13 +215,13 @@ def test_failed_disk_write_is_not_marked_and_retry_rewrites(prefect_api, tmp_pat
     make_sample(inp, positions=2, channels=1, shape=(8, 32, 32), blobs=5)
     out = tmp_path / "out.zarr"
     assert _flow(inp, out, positions="0", sigma_small=1.0, sigma_large=2.0).is_completed()
-    blocker = out / store.level_path(1, 0) / "c"  # where position 1's level-0 chunks must go
+    blocker = out / level_path(1, 0) / "c"  # where position 1's level-0 chunks must go
     blocker.write_text("not a directory")
     t, result = run_in_thread(
         lambda: _flow(inp, out, positions="1", sigma_small=1.0, sigma_large=2.0, retries=2, retry_delay_seconds=5))
     seen = wait_for_task_run_state("position-1", ("AwaitingRetry",))
     assert seen, "the failed write should put the task in AwaitingRetry"
-    assert store.read_marker(out, 1, 0) is None, "a position whose write failed must not be marked complete"
+    assert Output(out).markers.read(1, 0) is None, "a position whose write failed must not be marked complete"
     blocker.unlink()
     t.join(120)
     assert result["value"].is_completed(), result["value"]
@@ -251,9 +254,9 @@ def test_artifacts_progress_table_preview(prefect_api, sample, tmp_path):
     b64 = preview.split("data:image/png;base64,")[1].split(")")[0]
     png = base64.b64decode(b64)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert store.preview_path(out, 1, 1).read_bytes() == png
+    assert (Path(out) / Output.preview_key(1, 1)).read_bytes() == png
     assert re.fullmatch(r"\[Dask dashboard\]\(http://[^)]+/status\)", _latest_artifact("dask-dashboard"))
-    logs = list(store.run_log_path(out, "x").parent.glob("*-local.log"))
+    logs = list(Output(out).log_path("x").parent.glob("*-local.log"))
     assert logs and "dog-filter summary: 3 processed" in logs[0].read_text()
 
 
@@ -270,18 +273,18 @@ def test_flow_process_killed_then_rerun_keeps_finished_positions(tmp_path):
             "--cluster", _slow_profile(tmp_path), "--no-progress"]
     proc = cli_process(*args, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    while time.time() < deadline and len(store.marked(out)) < 2:
+    while time.time() < deadline and len(Output(out).markers.marked()) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the flow process, its Dask workers and its temporary API: all gone
     proc.wait()
-    done = {p: store.read_marker(out, p, c)["finished"] for p, c in store.marked(out)}
+    done = {p: Output(out).markers.read(p, c)["finished"] for p, c in Output(out).markers.marked()}
     assert 2 <= len(done) < 8, done
-    assert store.lock_path(out).exists()  # left behind by the dead run: stale, not a blocker
+    assert (Path(out) / LOCK_KEY).exists()  # left behind by the dead run: stale, not a blocker
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{8 - len(done)} position(s) filtered, {len(done)} already complete" in res.stdout
     for p, finished in done.items():
-        assert store.read_marker(out, p, 0)["finished"] == finished  # not recomputed
+        assert Output(out).markers.read(p, 0)["finished"] == finished  # not recomputed
     assert_output_exact(out, tmp_path / "in.zarr", SS, SL)
 
 
@@ -291,7 +294,7 @@ def test_second_run_on_same_output_is_refused_at_once(prefect_api, tmp_path):
     args = ["run", tmp_path / "in.zarr", out, "--sigma-small", "1,2,2", "--sigma-large", "2,5,5",
             "--cluster", _slow_profile(tmp_path), "--no-progress"]
     first = cli_process(*args, stderr=subprocess.STDOUT)
-    lock = store.lock_path(out)
+    lock = (Path(out) / LOCK_KEY)
     deadline = time.time() + 120
     while time.time() < deadline and not lock.exists():
         time.sleep(0.05)
@@ -317,8 +320,8 @@ def test_status_on_partially_complete_store(prefect_api, sample, tmp_path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     row = {int(l.split()[0]): l for l in lines if re.match(r"^\s*\d+\s+1\s+(complete|missing|stale)", l)}
-    assert "complete" in row[0] and "σ 1,2,2 / 2,5,5" in row[0]  # 4 significant digits, as typed
+    assert "complete" in row[0] and "σ 1,2,2 / 2,5,5" in row[0]  # 4 significant digits
     assert "stale (input changed)" in row[1]
     assert row[2].split()[2] == "missing"
     assert "1 complete, 1 missing, 1 stale (of 3)" in res.stdout
-    assert "sigma_large: 2,5,5" in res.stdout
+    assert f"sigma_large: {SL}" in res.stdout

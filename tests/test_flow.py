@@ -10,7 +10,8 @@ import pytest
 import zarr
 
 from conftest import assert_output_exact, reference_dog, run_in_thread, wait_for_task_run_state
-from tasks import store
+from tasks.lock import LOCK_KEY
+from tasks.output import Output
 
 SS, SL = [1.0, 1.5, 1.5], [2.0, 4.0, 3.0]
 
@@ -35,13 +36,13 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
     assert state.is_completed(), state
     summary = state.result()
     assert summary["processed"] == 3 and summary["skipped"] == 0 and summary["failed"] == []
-    res = store.open_level(out, 2)
+    res = Output(out).level(2)
     assert res.shape == (2, 12, 40, 36) and res.dtype == np.float32  # (C, Z, Y, X): the input's channels
     assert_output_exact(out, sample, SS, SL, channel=1)  # every position, the last one (2) included
-    assert [store.read_marker(out, p, 1)["position"] for p in range(3)] == [0, 1, 2]
+    assert [Output(out).markers.read(p, 1)["position"] for p in range(3)] == [0, 1, 2]
     # every position was filtered in a Dask worker process, not in the flow's own process
-    assert all(store.read_marker(out, p, 1)["pid"] not in (os.getpid(), None) for p in range(3))
-    assert store.marked(out) == [(0, 1), (1, 1), (2, 1)]  # channel 0 was not selected: not computed
+    assert all(Output(out).markers.read(p, 1)["pid"] not in (os.getpid(), None) for p in range(3))
+    assert Output(out).markers.marked() == [(0, 1), (1, 1), (2, 1)]  # channel 0 was not selected: not computed
     assert not np.any(res[0])
     # NGFF 0.5 metadata and provenance
     g = zarr.open_group(str(out), mode="r")
@@ -49,7 +50,7 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
     assert ome["version"] == "0.5" and len(ome["multiscales"]) == 3
     assert [a["name"] for a in ome["multiscales"][2]["axes"]] == ["c", "z", "y", "x"]
     prov = g.attrs["dogflow"]
-    assert prov["channels"] == [1] and prov["params"]["sigma_large"] == SL and prov["layout_version"] == 2
+    assert prov["channels"] == [1] and prov["params"]["sigma_large"] == SL and prov["layout_version"] == 3
     assert prov["params"]["input_path"] == str(sample) and prov["version"]
     assert res.chunks[0] == 1
 
@@ -57,11 +58,11 @@ def test_every_position_exact_including_last(prefect_api, sample, tmp_path):
 def test_rerun_skips_completed_work(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
     assert _run(sample, out).is_completed()
-    before = {p: store.read_marker(out, p, 1)["finished"] for p in range(3)}
+    before = {p: Output(out).markers.read(p, 1)["finished"] for p in range(3)}
     state = _run(sample, out)
     summary = state.result()
     assert summary["processed"] == 0 and summary["skipped"] == 3
-    assert {p: store.read_marker(out, p, 1)["finished"] for p in range(3)} == before
+    assert {p: Output(out).markers.read(p, 1)["finished"] for p in range(3)} == before
     # only the two paths (a nightly deployment's parameters): sigma and channel as the output was made
     from flows.dog_filter import dog_filter
 
@@ -78,26 +79,26 @@ def test_subset_and_uint16_policy(prefect_api, sample, tmp_path):
     assert state.is_completed()
     src = zarr.open_array(str(sample), mode="r")
     for p in (0, 2):
-        res = store.read_result(out, p, 1)
+        res = Output(out).read(p, 1)
         assert res.dtype == np.uint16
         ref = reference_dog(src[p, 1], SS, SL)
         assert ref.min() < -1, "the test needs negative DoG values"
         expected = np.clip(np.rint(ref), 0, 65535)
         assert np.abs(res.astype(np.float64) - expected).max() <= 1  # rounding ties of float32 vs float64
         assert res[ref < -1].max() == 0  # negatives clip to 0, they never wrap to ~65535
-    assert store.read_marker(out, 1, 1) is None
-    assert not np.any(store.read_result(out, 1, 1))
+    assert Output(out).markers.read(1, 1) is None
+    assert not np.any(Output(out).read(1, 1))
 
 
 def test_changed_parameters_refused_unless_overwrite(prefect_api, sample, tmp_path):
     out = tmp_path / "out.zarr"
     assert _run(sample, out, positions="0").is_completed()
-    before = store.read_result(out, 0, 1)
+    before = Output(out).read(0, 1)
     state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0])
     assert state.is_failed()
     assert "other parameters" in str(state.result(raise_on_failure=False))
-    np.testing.assert_array_equal(store.read_result(out, 0, 1), before)
-    assert store.read_marker(out, 0, 1) is not None
+    np.testing.assert_array_equal(Output(out).read(0, 1), before)
+    assert Output(out).markers.read(0, 1) is not None
     state = _run(sample, out, sigma_large=[2.0, 5.0, 5.0], overwrite=True)
     assert state.is_completed() and state.result()["processed"] == 3
     assert_output_exact(out, sample, SS, [2.0, 5.0, 5.0], channel=1, positions=[0])
@@ -112,8 +113,8 @@ def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_
     assert state.is_failed()
     assert "1 position(s) failed: 1" in str(state.result(raise_on_failure=False))
     assert_output_exact(out, sample, SS, SL, channel=1, positions=[0, 2])
-    assert store.read_marker(out, 1, 1) is None
-    assert not store.lock_path(out).exists()
+    assert Output(out).markers.read(1, 1) is None
+    assert not (Path(out) / LOCK_KEY).exists()
     chunk.write_bytes(good)  # repair: only position 1 is recomputed
     summary = _run(sample, out).result()
     assert summary["processed"] == 1 and summary["skipped"] == 2
@@ -122,11 +123,12 @@ def test_complete_position_survives_failure_of_another(prefect_api, sample, tmp_
 
 
 def test_task_failing_once_is_retried(prefect_api, sample, tmp_path):
-    """A real transient fault: the chunk is corrupt on the first attempt and repaired during the retry delay."""
+    """A real transient fault: the chunk is missing on the first attempt (a copy still running) and arrives during
+    the retry delay. (A corrupt chunk is permanent and not retried: tests/test_errors.py.)"""
     out = tmp_path / "out.zarr"
     chunk = _chunk_file(sample, 2)
     good = chunk.read_bytes()
-    chunk.write_bytes(b"broken")
+    chunk.unlink()
     t, result = run_in_thread(lambda: _run(sample, out, positions=[2], retries=2, retry_delay_seconds=6))
     seen_retry = wait_for_task_run_state("position-2", ("AwaitingRetry", "Retrying"))
     chunk.write_bytes(good)
@@ -165,7 +167,7 @@ def test_input_growing_along_positions_grows_output(prefect_api, sample, tmp_pat
     arr[3] = rng.integers(0, 1000, size=arr.shape[1:], dtype=np.uint16)
     summary = _run(sample, out).result()
     assert summary["processed"] == 1 and summary["skipped"] == 3
-    assert store.read_provenance(out)["shape"][0] == 4 and store.open_level(out, 3).shape == (2, 12, 40, 36)
+    assert Output(out).provenance()["shape"][0] == 4 and Output(out).level(3).shape == (2, 12, 40, 36)
     assert_output_exact(out, sample, SS, SL, channel=1)
 
 
@@ -237,7 +239,7 @@ def test_a_cli_run_validates_once_and_the_flow_alone_validates_itself(prefect_ap
                          retry_delay_seconds=0)
     summary = run.execute(request, temporary_api=None)  # the session's API is configured: the flow runs
     assert summary["processed"] == 3 and calls == [1]
-    assert run.claim(request) is None and not store.lock_path(out).exists()
+    assert run.claim(request) is None and not (out / LOCK_KEY).exists()
     assert dog_filter(**request.parameters(), return_state=True).result()["skipped"] == 3
     assert calls == [1, 1]
     assert_output_exact(out, sample, SS, SL, channel=1)

@@ -3,15 +3,20 @@ stored objects (fingerprints, missing and unreadable chunks) and one-line errors
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import time
 
 import numpy as np
 import pytest
 import zarr
 
-from flows.sample import make_bioformats2raw, make_ome_image, make_sample
-from tasks import store
-from tasks.inputs import StoreError, open_dataset
+from datasets import make_bioformats2raw, make_ome_image
+from flows.sample import make_sample
+from tasks.filters import DoG, FilterParams
+from tasks.output import Output, OutputSpec
+from tasks.inputs import open_dataset
+from tasks.storage import StoreError
 
 SHAPE = (6, 20, 18)
 CHUNKS = (3, 10, 9)
@@ -34,13 +39,13 @@ def _dogflow_output(path, tmp_path):
     src = tmp_path / "src.zarr"
     data = make_bioformats2raw(src, positions=2, channels=2, shape=SHAPE, chunks=CHUNKS, blobs=4)
     ds = open_dataset(src)
-    spec = store.OutputSpec.for_dataset(store.FilterParams(str(src), (1.0,) * 3, (2.0,) * 3, 4.0, "nearest", "float32"), ds)
-    store.prepare_output(path, spec, channels=[0, 1])
+    spec = OutputSpec.for_dataset(FilterParams(str(src), DoG((1.0,) * 3, (2.0,) * 3, 4.0, "nearest"), "float32"), ds)
+    Output(path).prepare(spec, channels=[0, 1])
     out = np.zeros(data.shape, np.float32)
     for p in range(2):
         for c in range(2):
             out[p, c] = data[p, c] * 0.5
-            store.write_levels(path, p, c, out[p, c], "float32")
+            Output(path).write_levels(p, c, out[p, c], "float32")
     return out
 
 
@@ -78,7 +83,7 @@ def test_every_layout_reads_the_same_way(name, tmp_path):
             np.testing.assert_array_equal(ds.read(p, c), data[p, c])
     # stored objects: every chunk of the volume (2 x 2 x 2 chunks of CHUNKS; dogflow's output: one), all on disk
     objs = ds.stored_objects(ds.n_positions - 1, 1)
-    assert len(objs) == (1 if layout == "dogflow" else 8) and all(path.exists() for _, path in objs)
+    assert len(objs) == (1 if layout == "dogflow" else 8) and all((Path(ds.path) / key).exists() for key in objs)
     assert ds.missing_objects(ds.n_positions - 1, 1) == [] and ds.find_unreadable_chunk(0, 0) is None
     assert ds.describe()["layout"] == layout
 
@@ -99,7 +104,8 @@ def test_missing_and_unreadable_chunks_are_named(tmp_path):
     path = tmp_path / "b.zarr"
     make_bioformats2raw(path, positions=2, shape=SHAPE, chunks=CHUNKS)
     ds = open_dataset(path)
-    (name_a, file_a), (name_b, file_b) = ds.stored_objects(1, 0)[:2]
+    name_a, name_b = ds.stored_objects(1, 0)[:2]
+    file_a, file_b = path / name_a, path / name_b
     assert name_a == "1/0/0/0/0/0/0"  # relative to the input root: series 1, level 0, chunk (t, c, z, y, x)
     file_a.unlink()
     file_b.write_bytes(b"\xff" * 30)
@@ -151,7 +157,7 @@ def test_a_task_opens_only_the_image_of_its_position(tmp_path):
     data = make_bioformats2raw(path, positions=4, shape=SHAPE, chunks=CHUNKS)
     ds = open_dataset(path, check=False)
     np.testing.assert_array_equal(ds.read(2, 1), data[2, 1])
-    assert sorted(ds._opened) == [0, 2] and ds.n_positions == 4
+    assert ds.opened_images == [0, 2] and ds.n_positions == 4
     make_ome_image(path / "3", shape=(6, 20, 20), ngff="0.4")  # a bad series is found by the full check only
     open_dataset(path, check=False)
     _raises(path, "input series 3 has shape")

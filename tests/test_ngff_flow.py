@@ -8,8 +8,10 @@ import pytest
 import zarr
 
 from conftest import assert_exact, run_cli
-from flows.sample import make_bioformats2raw, make_ome_image, make_sample
-from tasks import store
+from datasets import make_bioformats2raw, make_ome_image
+from flows.sample import make_sample
+from tasks import pyramid
+from tasks.output import Output
 from tasks.inputs import open_dataset
 from test_readers import check_with_readers
 
@@ -31,13 +33,13 @@ def assert_channels_exact(out, inp, channels, sigma_small=SS, sigma_large=SL):
     """Every position of ``out``: the selected channels are marked and exact, the others unwritten and unmarked."""
     ds = open_dataset(inp)
     for p in range(ds.n_positions):
-        level0 = store.open_level(out, p)
+        level0 = Output(out).level(p)
         for c in range(ds.n_channels):
             if c in channels:
-                assert store.read_marker(out, p, c) is not None, (p, c)
+                assert Output(out).markers.read(p, c) is not None, (p, c)
                 assert_exact(level0[c], ds.read(p, c), sigma_small, sigma_large)
             else:
-                assert store.read_marker(out, p, c) is None, (p, c)
+                assert Output(out).markers.read(p, c) is None, (p, c)
                 assert not np.any(level0[c])
 
 
@@ -65,7 +67,7 @@ def test_every_input_layout_end_to_end(prefect_api, tmp_path, name):
     ds = open_dataset(inp)
     assert state.result()["processed"] == ds.n_positions
     assert_channels_exact(out, inp, channels=range(ds.n_channels))
-    prov = store.read_provenance(out)
+    prov = Output(out).provenance()
     assert prov["voxel_size"] == [2.0, 0.406, 0.406] and prov["unit"] == "micrometer"
     assert prov["input"]["layout"] == ds.layout
 
@@ -78,31 +80,31 @@ def test_dogflow_output_as_input_sigma_in_um_and_channels_added_later(prefect_ap
     um_small, um_large = [1.0, 2 / 0.406, 2 / 0.406], [2.0, 4 / 0.406, 4 / 0.406]
     assert _flow(inp, first, channels="0", sigma_small="2um", sigma_large="4 µm").is_completed()
     assert_channels_exact(first, inp, [0], um_small, um_large)
-    prov = store.read_provenance(first)
+    prov = Output(first).provenance()
     assert prov["params"]["sigma_small"] == pytest.approx(um_small)
     assert prov["params"]["sigma_small_um"] == pytest.approx([2.0, 2.0, 2.0])
-    before = store.read_marker(first, 1, 0)["finished"]
+    before = Output(first).markers.read(1, 0)["finished"]
     # adding channel 2 computes only channel 2
     state = _flow(inp, first, channels=[0, 2], sigma_small="2um", sigma_large="4 µm")
     assert state.is_completed(), state
-    assert state.result()["processed"] == 2 and store.read_marker(first, 1, 0)["finished"] == before
+    assert state.result()["processed"] == 2 and Output(first).markers.read(1, 0)["finished"] == before
     assert all(r["channels"] == [2] for r in state.result()["positions"])
     assert_channels_exact(first, inp, [0, 2], um_small, um_large)
     # dogflow's own output is an input too (its channels are the channels)
     second = tmp_path / "second.zarr"
     assert _flow(first, second, channels=2).is_completed()
     for p in range(2):
-        assert_exact(store.read_result(second, p, 2), store.read_result(first, p, 2), SS, SL)
-    assert store.read_provenance(second)["input"]["layout"] == "dogflow"
+        assert_exact(Output(second).read(p, 2), Output(first).read(p, 2), SS, SL)
+    assert Output(second).provenance()["input"]["layout"] == "dogflow"
 
 
 def test_pyramid_levels_and_readers_on_the_flow_output(prefect_api, tmp_path):
     inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
     make_ome_image(inp, channels=1, shape=(2, 1100, 20), chunks=(2, 550, 20))  # plane > 1024: two levels
     assert _flow(inp, out, output_dtype="float32").is_completed()
-    assert store.n_levels(out, 0) == 2
-    level0, level1 = store.read_result(out, 0, 0), store.read_result(out, 0, 0, level=1)
-    np.testing.assert_allclose(level1, store.downsample_mean(level0), rtol=1e-6, atol=1e-5)
+    assert Output(out).n_levels(0) == 2
+    level0, level1 = Output(out).read(0, 0), Output(out).read(0, 0, level=1)
+    np.testing.assert_allclose(level1, pyramid.downsample_mean(level0), rtol=1e-6, atol=1e-5)
     check_with_readers(out, 1, 1, [(2, 1100, 20), (2, 550, 10)], (2.0, 0.406, 0.406), lambda p, c: level0)
 
 

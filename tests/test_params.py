@@ -56,10 +56,11 @@ def test_the_ui_form_has_one_plain_field_per_parameter():
         assert "anyOf" not in prop and "oneOf" not in prop, (name, prop)
         assert prop["type"] in ("string", "number", "integer", "boolean"), (name, prop)
     assert props["mode"]["enum"] == ["", "nearest", "reflect", "mirror", "constant", "wrap"]
-    assert props["output_dtype"]["enum"] == ["", "float32", "uint16"]
+    assert props["output_dtype"]["enum"] == ["", "float32", "float16", "uint16"]
+    assert props["filter"]["enum"] == ["", "dog", "gaussian"] and props["sigma"]["type"] == "string"
     assert props["cluster"]["enum"] == shipped_profiles() and props["cluster"]["default"] == "local"
     assert props["cluster_file"]["type"] == "string"
-    for name in ("sigma_small", "sigma_large", "channels", "positions", "voxel_size"):
+    for name in ("sigma", "sigma_small", "sigma_large", "channels", "positions", "voxel_size"):
         assert props[name]["type"] == "string" and props[name]["default"] == "", name
         assert "e.g." in props[name]["description"], name
     assert "channel" not in props  # one channel parameter

@@ -1,4 +1,4 @@
-"""A real layout-2 output opened by the tools people use: bioio (+ bioio-ome-zarr), ome-zarr (napari's
+"""A real layout-3 (sharded) output opened by the tools people use: bioio (+ bioio-ome-zarr), ome-zarr (napari's
 reader) and ome-zarr-models (validation). Versions are pinned in pyproject.toml's test extra."""
 
 from __future__ import annotations
@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.sample import make_bioformats2raw
-from tasks import dog, store
+from datasets import make_bioformats2raw
+from tasks import sharding
+from tasks import pyramid
+from tasks.filters import DoG, FilterParams
+from tasks.output import Output, OutputSpec, level_path
 from tasks.inputs import open_dataset
 
 SHAPE = (5, 44, 38)
@@ -49,20 +52,28 @@ def check_with_readers(out, n_positions, n_channels, levels, voxel_size, dog_of)
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0][0]), zarr.open_array(str(out / "0" / "0"))[0])
 
 
-def test_output_opens_in_bioio_ome_zarr_and_validates(tmp_path):
+def test_output_opens_in_bioio_ome_zarr_and_validates(tmp_path, monkeypatch):
+    # small inner chunks and shards, so that this small output has several shards of several inner chunks each,
+    # partial ones at the edges, as a full position has
+    monkeypatch.setattr(pyramid, "CHUNK_ZYX", (2, 16, 16))
+    monkeypatch.setattr(sharding, "SHARD_BYTES", 4 * 2 * 48 * 48)
     inp = tmp_path / "in.zarr"
     make_bioformats2raw(inp, positions=2, channels=3, shape=SHAPE)
     ds = open_dataset(inp)
-    params = store.FilterParams(str(inp), (1.0, 1.5, 1.5), (2.0, 3.0, 3.0), 4.0, "nearest", "float32")
+    params = FilterParams(str(inp), DoG((1.0, 1.5, 1.5), (2.0, 3.0, 3.0), 4.0, "nearest"), "float32")
     out = tmp_path / "out.zarr"
-    spec = store.OutputSpec.for_dataset(params, ds, max_plane=20)
-    store.prepare_output(out, spec, channels=[0, 2])
+    spec = OutputSpec.for_dataset(params, ds, max_plane=20)
+    Output(out).prepare(spec, channels=[0, 2])
     expected = {}
     for p in range(2):
         for c in (0, 2):
-            expected[p, c] = dog.difference_of_gaussians(ds.read(p, c), params.sigma_small, params.sigma_large)
-            store.write_levels(out, p, c, expected[p, c], "float32")
+            expected[p, c] = params.apply(ds.read(p, c), threads=1)
+            Output(out).write_levels(p, c, expected[p, c], "float32")
     assert spec.levels == [SHAPE, (5, 22, 19), (5, 11, 10)]
+    level0 = Output(out).level(0)
+    assert level0.chunks == (1, 2, 16, 16) and level0.shards == (1, 2, 48, 48)  # 9 inner chunks per shard
+    shard_files = [f for f in (out / level_path(0, 0) / "c").rglob("*") if f.is_file()]
+    assert len(shard_files) == 2 * 3  # channels 0 and 2, 3 shards along z each
     check_with_readers(out, 2, 3, spec.levels, (2.0, 0.406, 0.406), lambda p, c: expected.get((p, c)))
     # the one-line numpy access the README documents
     np.testing.assert_array_equal(zarr.open_array(str(out / "1" / "0"))[:][2], expected[1, 2])

@@ -27,15 +27,11 @@ import pytest
 from flows import clusters
 from flows.clusters.base import import_class
 from flows.sample import make_sample
-from tasks.store import read_marker
+from tasks.output import Output
 
 from conftest import ROOT, assert_output_exact, run_cli
 
-pytestmark = [
-    pytest.mark.slurm,
-    # slurm-test.yaml has a walltime and a fixed n_workers on purpose (short runs, scancel test).
-    pytest.mark.filterwarnings("ignore:.*n_workers is fixed:UserWarning"),
-]
+pytestmark = [pytest.mark.slurm]
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 FIXED = PROFILES / "slurm-test.yaml"          # n_workers: 2, job name dogflow-worker
@@ -139,7 +135,7 @@ def _assert_output_exact(inp, out, channel=1, sigma_small=SIGMA_SMALL, sigma_lar
 
 
 def _marker_jobs(out, positions: int, channel: int = 1) -> list[str | None]:
-    return [read_marker(str(out), p, channel).get("slurm_job_id") for p in range(positions)]
+    return [Output(out).markers.read(p, channel).get("slurm_job_id") for p in range(positions)]
 
 
 def _log_dir(profile: Path) -> Path:
@@ -173,7 +169,7 @@ def test_run_on_slurm_worker_jobs_with_tls(small, tmp_path):
     ran_in = set(jobs)
     assert ran_in <= watch.seen - before, f"markers name jobs {ran_in}, squeue showed {watch.seen - before}"
     assert 1 <= watch.max_concurrent <= 2
-    assert all(read_marker(str(out), p, 1)["host"] for p in range(4))
+    assert all(Output(out).markers.read(p, 1)["host"] for p in range(4))
     # ... and are gone once the run is over.
     assert not after, f"worker jobs left in the queue after the run: {after}"
 
@@ -328,10 +324,10 @@ def test_scancel_one_worker_mid_run(tmp_path):
         # As soon as the first position is complete, cancel the job that filtered it (it is busy with the next).
         while not done.is_set():
             for p in range(P):
-                marker = read_marker(str(out), p, 0)
+                marker = Output(out).markers.read(p, 0)
                 if marker and marker.get("slurm_job_id"):
                     killed["job"] = marker["slurm_job_id"]
-                    killed["markers"] = sum(read_marker(str(out), q, 0) is not None for q in range(P))
+                    killed["markers"] = sum(Output(out).markers.read(q, 0) is not None for q in range(P))
                     subprocess.run(["scancel", killed["job"]], capture_output=True, timeout=30)
                     return
             time.sleep(0.05)
@@ -373,3 +369,64 @@ def test_unknown_profile_key_refused_before_submission(small, tmp_path):
     assert "queue" in lines[0] and "walltime" in lines[0]
     assert not watch.seen, f"jobs submitted for a refused profile: {watch.seen}"
     assert not logs.exists() and not out.exists(), "the refused run created folders"
+
+
+@pytest.mark.timeout(300)
+def test_scancel_all_workers_at_once_mid_run(tmp_path):
+    """A node lost with all its worker jobs: both jobs of the fixed 2-worker profile are cancelled at once as
+    soon as the first position is complete. The cluster submits replacements (it would otherwise wait
+    forever), every position is filtered exactly, and the summary names the lost jobs."""
+    import yaml
+
+    inp, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    P = 8
+    make_sample(inp, positions=P, channels=1, shape=(16, 96, 96), blobs=10, seed=6)
+    # the fixed profile under a job name of this test alone: it cancels every job of that name (the SLURM is shared)
+    name = f"dogflow-lost-{os.getpid()}"
+    profile = tmp_path / "lost.yaml"
+    profile.write_text(yaml.safe_dump({**yaml.safe_load(FIXED.read_text()), "job_name": name,
+                                       "log_directory": str(tmp_path / "logs")}))
+    killed: dict = {}
+    done = threading.Event()
+
+    with QueueWatch(name, interval=0.2) as watch:
+        before = set(watch.poll())
+
+        def killer():
+            while not done.is_set():
+                if any(Output(out).markers.read(p, 0) for p in range(P)):
+                    jobs = sorted(set(watch.poll()) - before)  # every worker job of this run, at once
+                    killed["jobs"] = jobs
+                    killed["markers"] = sum(Output(out).markers.read(q, 0) is not None for q in range(P))
+                    subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        try:
+            r = run_cli("run", inp, out, "--channel", 0, "--sigma-small", "2", "--sigma-large", "6",
+                        "--cluster", profile, "--no-progress", "--retry-delay", "0", timeout=240)
+        finally:
+            done.set()
+            t.join(timeout=30)
+        after = watch.wait_empty(30)
+    assert killed.get("jobs"), f"no position completed or no job to cancel: {killed}"
+    assert len(killed["jobs"]) == 2, f"expected both worker jobs running when cancelled: {killed}"
+    assert killed["markers"] < P, f"cancelled too late: {killed['markers']} of {P} positions were already complete"
+    assert r.returncode == 0, f"{killed}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    assert f"{P} position(s) filtered" in r.stdout
+    _assert_output_exact(inp, out, channel=0, sigma_small=[2.0] * 3, sigma_large=[6.0] * 3)
+    # replacement jobs were submitted after the cancellation, and the positions left ran in them
+    replacements = watch.seen - before - set(killed["jobs"])
+    assert replacements, f"no replacement job submitted; squeue showed {watch.seen - before}"
+    ran_in = set(_marker_jobs(out, P, 0))
+    assert ran_in <= watch.seen - before and ran_in & replacements, (ran_in, killed, replacements)
+    # the summary names both lost jobs
+    lost = [line for line in r.stdout.splitlines() if "was lost during the run and replaced" in line]
+    assert sorted(re.search(r"\(job (\d+),", line).group(1) for line in lost) == killed["jobs"], r.stdout
+    [run_log] = [p for p in (out / "dogflow" / "logs").glob("*.log")]  # the flow's own log names them too
+    text = run_log.read_text()
+    assert all(f"(job {job}, workers " in text and "was lost during the run and replaced" in text
+               for job in killed["jobs"]), text[-3000:]
+    assert not after

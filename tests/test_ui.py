@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_output_exact
 from flows.clusters import shipped_profiles
 from flows.sample import make_sample
-from tasks import store
+from tasks.output import Output
 from prefect_services import ROOT, PrefectServer, Worker, deploy, flow_run_logs, require, wait_flow_run
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(600)]
@@ -52,7 +52,8 @@ def ui_site(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ui")
     # No scheduler service here: the nightly deployment's scheduled runs are tested in test_deployments,
     # and its bulk inserts would compete with the form's request on this small machine.
-    server = PrefectServer(workdir, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}).start()
+    server = PrefectServer(workdir, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"},
+                           database="postgres").start()
     worker = None
     try:
         # the nightly deployment needs site paths; the UI test runs on-demand only
@@ -170,7 +171,7 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
     finally:
         page.close()
 
-    assert store.read_provenance(out)["shape"] == [2, 2, 8, 32, 32]
+    assert Output(out).provenance()["shape"] == [2, 2, 8, 32, 32]
     assert_output_exact(out, inp, 1.2, 2.75, channel=1)
 
 

@@ -1,4 +1,4 @@
-"""σ, FWHM and voxel sizes with units (flows/units.py): parsing, conversion to voxels, one-line errors."""
+"""σ, FWHM and voxel sizes with units (tasks/units.py): parsing, conversion to voxels, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_exact, reference_dog
-from flows import units
+from tasks import units
 from tasks import dog
 
 VS = units.Lengths((2.0, 0.5, 0.25), "micrometer")  # anisotropic, like light-sheet data

@@ -27,7 +27,7 @@ Public surface::
 Kinds (``cluster_type`` -> class): ``local`` LocalProfile (sizes itself, see
 :mod:`flows.clusters.local`); ``slurm``/``pbs``/``lsf``/``sge`` SLURMProfile, ... on
 :class:`~flows.clusters.jobqueue.JobqueueProfile` (TLS by default, ``--lifetime`` from the
-walltime); ``slurm-runner`` SLURMRunnerProfile (TLS from a certificate folder); ``address``
+walltime; dask-jobqueue's classes with :mod:`flows.clusters.keeper`, which resubmits lost jobs); ``slurm-runner`` SLURMRunnerProfile (TLS from a certificate folder); ``address``
 AddressProfile; a dotted class path ForeignProfile. Adding a scheduler: one subclass that
 sets ``kind`` (it registers itself) and one YAML example in ``infra/clusters/``.
 

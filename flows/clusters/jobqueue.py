@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
+from flows.clusters import tls
 from flows.clusters.base import ClusterProfile, ProfileError, parse_bytes
 
 # Keys of the jobqueue classes that dogflow sets itself or that make no sense in a profile.
@@ -84,7 +85,7 @@ class JobqueueProfile(ClusterProfile):
 
     @property
     def cluster_class(self) -> str:  # type: ignore[override]
-        return f"dask_jobqueue.{self.jobqueue_class}"
+        return f"flows.clusters.keeper.{self.jobqueue_class}"  # dask-jobqueue's class, resubmitting lost jobs
 
     def setup(self) -> None:
         if self.n_workers is None and self.max_workers is None:
@@ -122,11 +123,7 @@ class JobqueueProfile(ClusterProfile):
     def setup_tls(self) -> None:
         """TLS by default: dask-jobqueue writes temporary certificates into ``shared_temp_directory``."""
         d = self.kwargs
-        d.setdefault("security", True)
-        if d["security"] is False:
-            warnings.warn(f"{self.name}: TLS is off (security: false); scheduler and workers talk in plain TCP",
-                          stacklevel=4)
-        elif d["security"] is True:
+        if tls.security_setting(d, self.name, "scheduler and workers", allow_objects=True) is True:
             d.setdefault("shared_temp_directory", "~/.dogflow/tls")
         # folders the flow process creates: expand ~ and $VARS here (local_directory is left to the job's shell)
         for key in ("log_directory", "shared_temp_directory"):
@@ -134,7 +131,7 @@ class JobqueueProfile(ClusterProfile):
                 d[key] = os.path.expandvars(os.path.expanduser(str(d[key])))
 
     def setup_lifetime(self) -> None:
-        """With a walltime, workers retire (``--lifetime``) a margin before the scheduler kills them."""
+        """With a walltime, workers retire (``--lifetime``) a margin before the batch scheduler kills them."""
         d = self.kwargs
         args = list(d.get("worker_extra_args") or [])
         if not d.get("walltime") or any(str(a).startswith("--lifetime") for a in args):
@@ -143,10 +140,8 @@ class JobqueueProfile(ClusterProfile):
         margin = self.lifetime_margin if self.lifetime_margin is not None else max(60, min(600, wall // 10))
         life = max(60, int(wall - margin))
         stagger = max(1, min(300, life // 20))
+        # a retired worker's job ends; the cluster submits its replacement (flows.clusters.keeper), fixed or adaptive
         d["worker_extra_args"] = args + ["--lifetime", f"{life}s", "--lifetime-stagger", f"{stagger}s"]
-        if not self.adaptive:
-            warnings.warn(f"{self.name}: workers retire at walltime-{margin:.0f}s but n_workers is fixed; "
-                          "use min_workers/max_workers so retired workers are replaced", stacklevel=4)
 
     def worker_prologue(self) -> list[str]:
         """``job_script_prologue`` with dogflow's Dask settings exported first, for the job's nanny and worker.

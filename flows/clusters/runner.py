@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +56,7 @@ class SLURMRunnerProfile(ClusterProfile):
         d = self.kwargs
         d.setdefault("scheduler_file", "~/.dogflow/runner/scheduler-{job_id}.json")
         d["scheduler_file"] = os.path.expandvars(os.path.expanduser(str(d["scheduler_file"])))
-        d.setdefault("security", True)
-        if d["security"] is False:
-            warnings.warn(f"{self.name}: TLS is off (security: false); scheduler, workers and the flow talk in "
-                          "plain TCP", stacklevel=4)
-        elif d["security"] is not True:
-            raise ProfileError(f"{self.name}: security must be true or false")
+        tls.security_setting(d, self.name, "scheduler, workers and the flow")
         d.setdefault("tls_directory", "~/.dogflow/runner/tls-{job_id}")
         d["tls_directory"] = os.path.expandvars(os.path.expanduser(str(d["tls_directory"])))
 

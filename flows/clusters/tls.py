@@ -19,6 +19,21 @@ from pathlib import Path
 CERT, KEY = "dask.crt", "dask.key"
 
 
+def security_setting(settings: dict, name: str, who: str, allow_objects: bool = False) -> bool | object:
+    """A profile's ``security``: TLS unless it says ``false`` (then a warning naming ``who`` talks in plain TCP).
+    ``allow_objects``: dask-jobqueue also takes a ``Security`` object or mapping as is."""
+    import warnings
+
+    from flows.clusters.base import ProfileError
+
+    value = settings.setdefault("security", True)
+    if value is False:
+        warnings.warn(f"{name}: TLS is off (security: false); {who} talk in plain TCP", stacklevel=5)
+    elif value is not True and not allow_objects:
+        raise ProfileError(f"{name}: security must be true or false")
+    return value
+
+
 def create(directory: str | os.PathLike) -> Path:
     """Write a fresh self-signed certificate + key into ``directory`` (created 0700; files 0600)."""
     from distributed.security import Security

@@ -36,6 +36,7 @@ for _names, _ngff, _um in (
 ):
     for _n in _names:
         _UNITS[_n] = (_ngff, _um)
+UM_PER: dict[str, float] = {ngff: um for ngff, um in _UNITS.values()}  # NGFF unit name -> micrometers
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _VALUE = re.compile(rf"^\s*({_NUMBER})\s*([^\d\s,.+-][^\s,]*)?\s*$")
