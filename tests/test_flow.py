@@ -239,7 +239,7 @@ def test_a_cli_run_validates_once_and_the_flow_alone_validates_itself(prefect_ap
                          retry_delay_seconds=0)
     summary = run.execute(request, temporary_api=None)  # the session's API is configured: the flow runs
     assert summary["processed"] == 3 and calls == [1]
-    assert run.claim(request) is None and not store.lock_path(out).exists()
+    assert run.claim(request) is None and not (out / LOCK_KEY).exists()
     assert dog_filter(**request.parameters(), return_state=True).result()["skipped"] == 3
     assert calls == [1, 1]
     assert_output_exact(out, sample, SS, SL, channel=1)
