@@ -17,7 +17,6 @@ Who validates when is :mod:`flows.run`'s business (validation once).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -181,26 +180,24 @@ class _RequestMethods:
                 f"{self.sigma_large!r} (a number alone is voxels; give both in voxels or both with a unit)")
 
     def _truncate(self) -> Optional[float]:
-        if self.truncate is None:
-            return None
-        try:
-            truncate = float(self.truncate)
-        except (TypeError, ValueError):
-            raise ParameterError(f"truncate must be a number > 0, got {self.truncate!r}") from None
-        if not (math.isfinite(truncate) and truncate > 0):
-            raise ParameterError(f"truncate must be > 0, got {self.truncate!r}")
-        return truncate
-
-    def _choices(self) -> None:
         from tasks import filters
 
-        if self.mode and self.mode not in defaults.MODES:
-            raise ParameterError(f"unknown mode {self.mode!r}; choose one of {', '.join(defaults.MODES)}")
-        if self.output_dtype and self.output_dtype not in defaults.OUTPUT_DTYPES:
-            raise ParameterError(
-                f"unknown output dtype {self.output_dtype!r}; choose one of {', '.join(defaults.OUTPUT_DTYPES)}")
-        if self.filter and self.filter not in filters.FILTER_KINDS:
-            raise ParameterError(f"unknown filter {self.filter!r}; choose one of {', '.join(filters.FILTER_KINDS)}")
+        try:
+            return None if self.truncate is None else filters.check_truncate(self.truncate)
+        except filters.FilterError as exc:
+            raise ParameterError(str(exc)) from None
+
+    def _choices(self) -> None:
+        """The choice parameters that were given, checked where each is defined (:mod:`tasks.filters`)."""
+        from tasks import filters
+
+        try:
+            for value, check in ((self.mode, filters.check_mode), (self.output_dtype, filters.check_output_dtype),
+                                 (self.filter, filters.kind_named)):
+                if value:
+                    check(value)
+        except filters.FilterError as exc:
+            raise ParameterError(str(exc)) from None
 
     def _paths(self, plan_only: bool = False) -> tuple[str, str]:
         if not self.input_path:

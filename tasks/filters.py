@@ -49,6 +49,13 @@ def check_truncate(truncate: Any) -> float:
     return t
 
 
+def check_output_dtype(output_dtype: Any) -> str:
+    """``output_dtype`` if dogflow writes it (:data:`tasks.defaults.OUTPUT_DTYPES`), else :class:`FilterError`."""
+    if output_dtype not in defaults.OUTPUT_DTYPES:
+        raise FilterError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(defaults.OUTPUT_DTYPES)}")
+    return str(output_dtype)
+
+
 def check_mode(mode: Any) -> str:
     """``mode`` if it is one of scipy.ndimage's edge modes the engine has (:data:`tasks.defaults.MODES`)."""
     if mode not in defaults.MODES:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks import buffers, defaults
-from tasks.storage import StoreError
+from tasks import buffers, defaults, filters
 
 PYRAMID_MAX_PLANE = 1024  # levels halve y and x until both are <= this
 OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
@@ -18,13 +17,6 @@ FLOAT16_POLICY = ("clip to [-65504, 65504], then round to the nearest float16 (1
 DOWNSAMPLING = "2x2 mean in y,x of the level above, computed in float32; odd last row/column: mean of what exists"
 CAST_BLOCK = 1 << 22  # elements cast to uint16/float16 at a time (one float32 block of 16 MiB)
 FLOAT16_MAX = 65504.0  # np.finfo(np.float16).max
-
-
-def check_output_dtype(output_dtype: str) -> str:
-    """``output_dtype`` if dogflow writes it, else a one-line :class:`StoreError`."""
-    if output_dtype not in OUTPUT_DTYPES:
-        raise StoreError(f"unknown output dtype {output_dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
-    return output_dtype
 
 
 def level_shapes(zyx: tuple[int, int, int], max_plane: int = PYRAMID_MAX_PLANE) -> list[tuple[int, int, int]]:
@@ -73,7 +65,7 @@ def to_output_dtype(result: np.ndarray, output_dtype: str) -> np.ndarray:
     2**-11 for ``|v| >= 2**-14`` and the absolute error at most 2**-25 below that. The output equals
     ``np.clip(result, -65504, 65504).astype(np.float16)``.
     """
-    if check_output_dtype(output_dtype) == "float32":
+    if filters.check_output_dtype(output_dtype) == "float32":
         return result.astype(np.float32, copy=False)
     # uint16 and float16, in blocks: the extra memory is the cast result plus one block
     src = np.ascontiguousarray(result).reshape(-1)
