@@ -76,10 +76,11 @@ def _run(verbose: bool = False, progress: bool = True, **values: Any) -> None:
         f"({summary.get('pairs', 0)} (position, channel) pair(s) computed); "
         f"output: {summary['output_path']} (position P: array 'P/0', (C, Z, Y, X))"
     )
-    from flows.reports import lost_line
+    if summary.get("lost_workers"):
+        from flows.reports import lost_line  # imports Prefect: only when there is something to say
 
-    for job in summary.get("lost_workers", []):
-        typer.echo(f"dogflow: worker job {lost_line(job)} was lost during the run and replaced")
+        for job in summary["lost_workers"]:
+            typer.echo(f"dogflow: worker job {lost_line(job)} was lost during the run and replaced")
 
 
 _run.__signature__ = params.cli_signature("run", [  # type: ignore[attr-defined]

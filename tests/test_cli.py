@@ -234,6 +234,12 @@ def test_sample_through_dogflow_run_is_exact(tmp_path):
     assert "0 position(s) filtered, 3 already complete" in again.stdout and again.stderr == ""
     assert (f"dogflow: continuing {out} as it was made: --sigma-small 1.062,1.699,1.699 --sigma-large 2.548,5.096,4.247"
             f" --truncate 4 --mode nearest --output-dtype float32 --channels 1") in again.stdout.splitlines()
+    # ... and imports neither Prefect nor Dask's distributed (what made reruns slow: 1-4 s each on this VM)
+    traced = run_cli("run", inp, out, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert traced.returncode == 0, traced.stderr[-3000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in traced.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "zarr" in imported and not imported & {"prefect", "distributed"}, sorted(imported)
     assert {pc: Output(out).markers.read(*pc)["finished"] for pc in Output(out).markers.marked()} == before
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import assert_output_exact
 from flows.clusters import shipped_profiles
+from tasks.defaults import MODES, OUTPUT_DTYPES
 from flows.sample import make_sample
 from tasks.output import Output
 from prefect_services import ROOT, PrefectServer, Worker, deploy, flow_run_logs, require, wait_flow_run
@@ -121,9 +122,9 @@ def test_custom_run_from_the_ui(ui_site, browser, tmp_path, request):
         _prop(page, "sigma_large").locator("textarea, input[type=text]").fill("2.75")
         _prop(page, "positions").locator("textarea, input[type=text]").fill("0-1")
         # choice lists: mode and output dtype (with the empty "as the output was made" choice), shipped profiles
-        assert [c for c in _choices(page, "mode", "nearest") if c] == ["nearest", "reflect", "mirror", "constant", "wrap"]
+        assert [c for c in _choices(page, "mode", "nearest") if c] == list(MODES)
         page.keyboard.press("Escape")
-        assert [c for c in _choices(page, "output_dtype", "float32") if c] == ["float32", "uint16"]
+        assert [c for c in _choices(page, "output_dtype", "float32") if c] == list(OUTPUT_DTYPES)
         page.keyboard.press("Escape")
         offered = _choices(page, "cluster", "local")
         assert set(shipped_profiles()) <= set(offered), offered
