@@ -369,7 +369,7 @@ def test_nightly_meeting_a_live_run_completes_naming_it(site, nightly_first):
     with HeldScheduler(site.workdir, site.server) as held:
         holder_id, _ = site.run("dog-filter/on-demand", {
             "input_path": str(site.nightly_in), "output_path": str(site.nightly_out), "force": True,
-            "cluster": str(held.profile)}, watch=False)
+            "cluster_file": str(held.profile)}, watch=False)
         lock = (Path(site.nightly_out) / LOCK_KEY)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and holder_id not in (lock.read_text() if lock.exists() else ""):
@@ -432,7 +432,7 @@ def test_load_840_positions_on_postgres(site):
     inp, out = site.workdir / "load-in.zarr", site.workdir / "load-out.ome.zarr"
     make_sample(inp, positions=LOAD_POSITIONS, channels=1, shape=(4, 16, 16), chunks=(4, 16, 16), blobs=2, seed=5)
     t0 = time.monotonic()
-    fr_id, res = site.run("dog-filter/on-demand", {"input_path": str(inp), "output_path": str(out), "channel": 0},
+    fr_id, res = site.run("dog-filter/on-demand", {"input_path": str(inp), "output_path": str(out), "channels": 0},
                           timeout=1000)
     elapsed = time.monotonic() - t0
     assert res.returncode == 0 and "Completed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:] + site.debug(fr_id)
