@@ -324,4 +324,4 @@ def test_status_on_partially_complete_store(prefect_api, sample, tmp_path):
     assert "stale (input changed)" in row[1]
     assert row[2].split()[2] == "missing"
     assert "1 complete, 1 missing, 1 stale (of 3)" in res.stdout
-    assert f"sigma_large: {SL}" in res.stdout
+    assert "sigma_large: 2,5,5" in res.stdout
