@@ -250,11 +250,8 @@ class _RequestMethods:
         if out_abs:
             try:
                 Output(out_abs).check(output, self.overwrite)
-            except StoreError as exc:
-                msg = str(exc)
-                if "--overwrite" in msg and made is not None:  # say what it would destroy
-                    msg += f" ({made.overwrite_words(len(positions), len(channels))})"
-                raise ParameterError(msg) from None
+            except StoreError as exc:  # one line; it says what --overwrite would discard
+                raise ParameterError(str(exc)) from None
         need = filters.memory_per_task(r.kind.kind, ds.shape, ds.dtype, r.output_dtype)
         profile = _profile(self.profile_name, need, plan_only)
         verb = "overwriting {}, with these as it was made" if self.overwrite and made else "continuing {} as it was made"

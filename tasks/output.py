@@ -285,7 +285,8 @@ class Output:
             raise StoreError(f"output exists with unreadable dogflow provenance: {self.path}") from None
         if overwrite:
             return PrepareAction.OVERWRITE
-        lose = f"--overwrite deletes its {len(self.markers.marked())} complete (position, channel) pair(s) and recomputes"
+        lose = (f"--overwrite discards its {len(self.markers.marked())} computed (position, channel) pair(s) and "
+                f"computes the selected ones anew")
         if old.kind != spec.params.kind:
             raise StoreError(f"output {self.path} holds a {kind_named(old.kind).label} filter, not a "
                              f"{kind_named(spec.params.kind).label}; choose another output path ({lose})")
