@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks import buffers, defaults, filters
+from tasks import buffers, filters
 
 PYRAMID_MAX_PLANE = 1024  # levels halve y and x until both are <= this
-OUTPUT_DTYPES = defaults.OUTPUT_DTYPES
 UINT16_POLICY = "round half to even, then clip to [0, 65535]"
 FLOAT16_POLICY = ("clip to [-65504, 65504], then round to the nearest float16 (11-bit significand: relative "
                   "error <= 2**-11 for |v| >= 2**-14, absolute <= 2**-25 below)")
